@@ -1,0 +1,287 @@
+"""The ``pneumo-edge`` command line: parse, call one library function, render.
+
+Exit codes: 0 success; 1 some input files failed (the report is still
+written); 2 usage error, unusable model or data folder; 130 interrupted.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from . import __version__
+
+EXIT_OK = 0
+EXIT_SOME_FAILED = 1
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+app = typer.Typer(
+    add_completion=False, no_args_is_help=True, rich_markup_mode="rich",
+    help="Chest X-ray pneumonia screening on edge boxes: train, export, predict, info. "
+         "A research and engineering tool, not a medical device.")
+console = Console()
+err = Console(stderr=True)
+
+
+class Device(str, Enum):
+    auto = "auto"
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+def _fail(message: str, code: int = EXIT_USAGE) -> "typer.Exit":
+    err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    return typer.Exit(code)
+
+
+def _version(value: bool) -> None:
+    if value:
+        console.print(f"pneumo-edge {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(version: Annotated[bool, typer.Option("--version", callback=_version,
+                                                is_eager=True, help="Print the version.")] = False):
+    pass
+
+
+@app.command()
+def train(
+    data: Annotated[Path, typer.Option(help="Folder with NORMAL/ and PNEUMONIA/ (maybe one level down).")],
+    out: Annotated[Path, typer.Option(help="Run folder to write.")] = Path("runs/latest"),
+    epochs: Annotated[int, typer.Option(min=1)] = 30,
+    batch_size: Annotated[int, typer.Option(min=1)] = 32,
+    img_size: Annotated[int, typer.Option(min=16, help="Square input size in pixels.")] = 180,
+    val_fraction: Annotated[float, typer.Option(min=0.01, max=0.9)] = 0.15,
+    lr: Annotated[float, typer.Option(help="Peak learning rate (AdamW).")] = 1e-3,
+    patience: Annotated[int, typer.Option(min=1, help="EarlyStopping patience on val AUC.")] = 8,
+    seed: Annotated[int, typer.Option()] = 42,
+    target_sensitivity: Annotated[Optional[float], typer.Option(
+        min=0.0, max=1.0, help="Pick the highest threshold with this validation sensitivity "
+                               "(default: maximise Youden's J).")] = None,
+    arch: Annotated[str, typer.Option(help="resnet18 or resnet_tiny (tests).")] = "resnet18",
+    schedule: Annotated[str, typer.Option(help="cosine (warm-up + cosine) or plateau.")] = "cosine",
+    weight_decay: Annotated[float, typer.Option()] = 1e-4,
+    dropout: Annotated[float, typer.Option(min=0.0, max=0.9)] = 0.3,
+    label_smoothing: Annotated[float, typer.Option(min=0.0, max=0.5)] = 0.05,
+    augment: Annotated[bool, typer.Option(help="All augmentation on/off.")] = True,
+    flip: Annotated[bool, typer.Option(help="Random horizontal flip.")] = True,
+    intensity: Annotated[bool, typer.Option(help="Brightness/contrast/gamma jitter.")] = True,
+    class_balance: Annotated[bool, typer.Option(help="Class weights from training frequencies.")] = True,
+    max_images: Annotated[Optional[int], typer.Option(min=4, help="Random subset, for quick trials.")] = None,
+    strategy: Annotated[str, typer.Option(help="auto, mirrored or default.")] = "auto",
+    resume: Annotated[bool, typer.Option(help="Continue the interrupted run in --out.")] = False,
+):
+    """Train a ResNet-18 on labelled chest X-rays (needs the [bold]train[/] extra)."""
+    try:
+        from training.augment import AugmentConfig
+        from training.data import DataError
+        from training.train import TrainConfig, TrainInterrupted
+        from training.train import train as run_training
+    except ImportError as exc:
+        raise _fail(f"training needs the train extra (pip install 'pneumo-edge[train]'): {exc}")
+
+    aug = AugmentConfig()
+    if not augment:
+        aug = AugmentConfig(flip=False, zoom=0, rotation=0, shift=0, brightness=0, contrast=0, gamma=0)
+    else:
+        if not flip:
+            aug = AugmentConfig(**(aug.to_dict() | {"flip": False}))
+        if not intensity:
+            aug = AugmentConfig(**(aug.to_dict() | {"brightness": 0, "contrast": 0, "gamma": 0}))
+    cfg = TrainConfig(data=str(data), out=str(out), arch=arch, img_size=img_size, epochs=epochs,
+                      batch_size=batch_size, lr=lr, weight_decay=weight_decay, dropout=dropout,
+                      label_smoothing=label_smoothing, schedule=schedule, patience=patience,
+                      val_fraction=val_fraction, seed=seed, target_sensitivity=target_sensitivity,
+                      augment=aug, class_balance=class_balance, max_images=max_images,
+                      strategy=strategy)
+
+    def on_epoch(epoch: int, logs: dict) -> None:
+        console.print(
+            f"epoch {epoch + 1:>3}  loss {logs.get('loss', float('nan')):.4f}  "
+            f"auc {logs.get('auc', float('nan')):.4f}  val_loss {logs.get('val_loss', float('nan')):.4f}  "
+            f"val_auc {logs.get('val_auc', float('nan')):.4f}  lr {logs.get('learning_rate', 0):.2e}",
+            highlight=False)
+
+    try:
+        result = run_training(cfg, resume=resume, on_epoch=on_epoch)
+    except (DataError, FileNotFoundError, ValueError) as exc:
+        raise _fail(str(exc))
+    except TrainInterrupted as exc:
+        raise _fail(str(exc), EXIT_INTERRUPTED)
+
+    m = result.val_metrics
+    table = Table(title="training finished", show_header=False)
+    for key, value in [
+        ("devices", ", ".join(result.devices)),
+        ("images train / val", f"{result.n_train} / {result.n_val} (split by patient)"),
+        ("best epoch", f"{result.best_epoch} of {result.epochs_run}"),
+        ("val AUC", f"{m['auc']:.4f}"),
+        ("sensitivity", f"{m['recall']:.4f}"),
+        ("specificity", f"{m['specificity']:.4f}"),
+        ("accuracy", f"{m['accuracy']:.4f}"),
+        ("threshold", f"{result.threshold:.4f} ({result.threshold_rule})"),
+        ("wall time", f"{result.seconds / 60:.1f} min"),
+        ("run folder", str(result.run_dir)),
+    ]:
+        table.add_row(key, value)
+    console.print(table)
+    if result.no_patient_files:
+        console.print(f"[yellow]note:[/] {result.no_patient_files} files carry no patient id "
+                      "in their name and were split per file.")
+    console.print("[dim]Validation carved from the training folder overestimates performance "
+                  "on new sites; not a medical device.[/]")
+
+
+def _resolve_model(model: Optional[Path]) -> Path:
+    from .runtime import default_model_path
+
+    if model is not None:
+        return model
+    found = default_model_path()
+    if found is None:
+        raise _fail("no --model given and no release model in exported/ (exported/default.txt "
+                    "names it); train and export one, or pass --model FILE.onnx")
+    return found
+
+
+@app.command()
+def predict(
+    paths: Annotated[list[Path], typer.Argument(help="Image files and/or folders (recursive).")],
+    model: Annotated[Optional[Path], typer.Option("--model", "-m", help="ONNX model with pneumo_edge metadata (default: the release model in exported/).")] = None,
+    report: Annotated[bool, typer.Option("--report", help="Write report.json, predictions.csv and report.html to --out.")] = False,
+    out: Annotated[Optional[Path], typer.Option(help="Output folder (default with --report: pneumo_edge_report).")] = None,
+    device: Annotated[Device, typer.Option(help="auto: CUDA only if it really loads, else CPU.")] = Device.auto,
+    batch_size: Annotated[int, typer.Option(min=1, max=1024)] = 8,
+    threads: Annotated[Optional[int], typer.Option(min=1, help="onnxruntime intra-op threads (default: physical cores).")] = None,
+    workers: Annotated[Optional[int], typer.Option(min=1, help="Decoding threads.")] = None,
+    threshold: Annotated[Optional[float], typer.Option(min=0.0, max=1.0, help="Override the model's decision threshold.")] = None,
+    show: Annotated[int, typer.Option(min=0, help="Rows of per-image results to print when files are written (all are in predictions.csv).")] = 20,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or per-image table.")] = False,
+):
+    """Predict NORMAL/PNEUMONIA for X-ray images; with labelled folders, evaluate.
+
+    Exit codes: 0 all files predicted, 1 some files failed (listed; reports still
+    written), 2 usage error or unusable model.
+    """
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
+
+    from .images import collect_images
+    from .predict import predict_paths
+    from .report import DISCLAIMER, write_predictions_csv, write_report
+    from .runtime import ModelError, load_model
+
+    try:
+        files = collect_images(paths)
+    except FileNotFoundError as exc:
+        raise _fail(str(exc))
+    if not files:
+        raise _fail(f"no image files found in {', '.join(map(str, paths))}")
+    model_path = _resolve_model(model)
+    try:
+        loaded = load_model(model_path, device=device.value, threads=threads)
+    except ModelError as exc:
+        raise _fail(str(exc))
+    if report and out is None:
+        out = Path("pneumo_edge_report")
+
+    if quiet or len(files) < 2:
+        run = predict_paths(loaded, files, batch_size=batch_size, workers=workers,
+                            threshold=threshold)
+    else:
+        with Progress("[progress.description]{task.description}", BarColumn(),
+                      MofNCompleteColumn(), TimeRemainingColumn(), console=err,
+                      transient=True) as bar:
+            task = bar.add_task("predicting", total=len(files))
+            run = predict_paths(loaded, files, batch_size=batch_size, workers=workers,
+                                threshold=threshold,
+                                progress=lambda n: bar.update(task, completed=n))
+
+    written = {}
+    if out is not None:
+        written = write_report(run, out) if report else {"csv": write_predictions_csv(run, out)}
+
+    if not quiet:
+        limit = len(run.predictions) if out is None else show
+        table = Table(title=f"predictions ({len(run.predictions)})", title_justify="left")
+        for col in ("file", "P(PNEUMONIA)", "label", "truth"):
+            table.add_column(col, overflow="fold")
+        for p in run.predictions[:limit]:
+            wrong = p.truth is not None and p.truth != p.label
+            style = "red" if wrong else None
+            table.add_row(p.path, f"{p.probability:.4f}", p.label, p.truth or "", style=style)
+        if run.predictions:
+            console.print(table)
+        if limit < len(run.predictions):
+            console.print(f"[dim]showing {limit} of {len(run.predictions)}; "
+                          f"all rows are in {written['csv']}[/]")
+    for f in run.failures:
+        err.print(f"[red]failed:[/] {f.path}: {f.error}", highlight=False, soft_wrap=True)
+    _print_summary(run)
+    for kind, path in written.items():
+        console.print(f"wrote {path}", highlight=False)
+    console.print(f"[dim]{DISCLAIMER}[/]")
+    if run.failures:
+        raise typer.Exit(EXIT_SOME_FAILED)
+
+
+def _print_summary(run) -> None:
+    lat = run.latency_ms
+    table = Table(title="summary", show_header=False, title_justify="left")
+    table.add_row("model", f"{run.model['path']} ({run.model['precision']}, {run.model['provider']})")
+    table.add_row("threshold", f"{run.model['threshold']:.4f}")
+    table.add_row("images", f"{run.n_images} ({len(run.predictions)} predicted, {len(run.failures)} failed)")
+    m = run.metrics
+    if m is not None:
+        table.add_row("labelled", str(m.n_labelled))
+        table.add_row("accuracy", f"{m.accuracy:.4f}")
+        table.add_row("sensitivity", f"{m.recall:.4f}  (TP {m.tp}, FN {m.fn})")
+        table.add_row("specificity", f"{m.specificity:.4f}  (TN {m.tn}, FP {m.fp})")
+        table.add_row("precision / F1", f"{m.precision:.4f} / {m.f1:.4f}")
+        table.add_row("ROC AUC", "n/a (one class)" if m.auc is None else f"{m.auc:.4f}")
+    if lat["mean"] is not None:
+        table.add_row("model ms/image", f"mean {lat['mean']:.2f}, p50 {lat['p50']:.2f}, "
+                                        f"p95 {lat['p95']:.2f}, p99 {lat['p99']:.2f} (batch {run.batch_size})")
+    table.add_row("end-to-end", f"{run.seconds:.2f} s, {run.images_per_second:.1f} images/s")
+    console.print(table)
+
+
+@app.command()
+def info(model: Annotated[Path, typer.Argument(help="An exported ONNX model.")]):
+    """Show a model's pneumo_edge metadata, inputs, outputs, size and sha256."""
+    import json as _json
+
+    from .runtime import ModelError, file_sha256, read_metadata
+
+    if not model.is_file():
+        raise _fail(f"{model}: model file not found")
+    try:
+        meta, inputs, outputs = read_metadata(model)
+    except ModelError as exc:
+        raise _fail(str(exc))
+    table = Table(title=str(model), show_header=False, title_justify="left")
+    table.add_row("size", f"{model.stat().st_size / 1e6:.2f} MB")
+    table.add_row("sha256", file_sha256(model))
+    for i in inputs:
+        table.add_row("input", f"{i['name']} {i['shape']} {i['type']}")
+    for o in outputs:
+        table.add_row("output", f"{o['name']} {o['shape']} {o['type']}")
+    for key, value in meta.items():
+        text = _json.dumps(value) if isinstance(value, (dict, list)) else str(value)
+        table.add_row(key, text)
+    console.print(table)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

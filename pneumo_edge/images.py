@@ -1,0 +1,218 @@
+"""Finding image files, reading labels from folder names, and decoding by content.
+
+Decoding never trusts the file extension: the first bytes decide the format.
+Large JPEGs are decoded at a reduced scale (libjpeg DCT scaling) when the model
+input is much smaller than the image, which keeps full-resolution X-rays fast
+and huge files inside a bounded amount of memory.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import cv2
+import numpy as np
+
+__all__ = [
+    "IMAGE_EXTENSIONS",
+    "ImageDecodeError",
+    "collect_images",
+    "decode_gray",
+    "label_from_path",
+    "sniff_format",
+]
+
+#: Extensions picked up when walking a folder. Files named on the command line
+#: are always tried, whatever their extension, because decoding is by content.
+IMAGE_EXTENSIONS = frozenset(
+    {".jpg", ".jpeg", ".jpe", ".png", ".bmp", ".dib", ".tif", ".tiff"}
+)
+CLASS_NAMES = ("NORMAL", "PNEUMONIA")
+
+#: Files larger than this are refused before reading (no X-ray is this big).
+MAX_FILE_BYTES = 512 * 1024 * 1024
+#: Decoded images with more pixels than this are refused (about 16,000 px square).
+MAX_PIXELS = 256_000_000
+
+_REDUCED_FLAGS = {2: cv2.IMREAD_REDUCED_GRAYSCALE_2, 4: cv2.IMREAD_REDUCED_GRAYSCALE_4,
+                  8: cv2.IMREAD_REDUCED_GRAYSCALE_8}
+
+
+class ImageDecodeError(ValueError):
+    """A file could not be turned into an image; the message is one line."""
+
+
+def collect_images(paths: Iterable[str | os.PathLike]) -> list[Path]:
+    """Return the image files under ``paths``, sorted, without duplicates.
+
+    Folders are walked recursively (symlinked folders are not followed) and
+    files with an image extension are kept; a path given explicitly as a file
+    is kept whatever its name. Something that is not a regular file (a folder
+    named ``x.jpeg``, a socket) is never returned.
+
+    Raises:
+        FileNotFoundError: if a given path does not exist.
+    """
+    found: dict[str, Path] = {}
+    for raw in paths:
+        path = Path(raw)
+        if path.is_file():
+            found[str(path)] = path
+        elif path.is_dir():
+            for root, dirs, files in os.walk(path):
+                dirs.sort()
+                for name in files:
+                    child = Path(root) / name
+                    if child.suffix.lower() in IMAGE_EXTENSIONS and child.is_file():
+                        found[str(child)] = child
+        elif path.exists():
+            raise FileNotFoundError(f"{path}: not a file or folder")
+        else:
+            raise FileNotFoundError(f"{path}: no such file or folder")
+    return [found[k] for k in sorted(found)]
+
+
+def label_from_path(path: str | os.PathLike) -> str | None:
+    """Ground truth from the nearest parent folder named NORMAL or PNEUMONIA."""
+    for part in reversed(Path(path).parent.parts):
+        upper = part.upper()
+        if upper in CLASS_NAMES:
+            return upper
+    return None
+
+
+def sniff_format(head: bytes) -> str | None:
+    """Name the image format from its first bytes, or None if not supported."""
+    if head.startswith(b"\xff\xd8\xff"):
+        return "jpeg"
+    if head.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "png"
+    if head.startswith(b"BM"):
+        return "bmp"
+    if head.startswith((b"II*\x00", b"MM\x00*")):
+        return "tiff"
+    return None
+
+
+def _jpeg_size(data: bytes) -> tuple[int, int] | None:
+    """(height, width) from the first SOF marker, or None if not found."""
+    i = 2
+    n = len(data)
+    while i + 9 < n:
+        if data[i] != 0xFF:
+            i += 1
+            continue
+        marker = data[i + 1]
+        if marker in (0xD8, 0x01) or 0xD0 <= marker <= 0xD7 or marker == 0xFF:
+            i += 1 if marker == 0xFF else 2
+            continue
+        seg_len = struct.unpack(">H", data[i + 2:i + 4])[0]
+        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
+            h, w = struct.unpack(">HH", data[i + 5:i + 9])
+            return h, w
+        i += 2 + seg_len
+    return None
+
+
+def _png_size(data: bytes) -> tuple[int, int] | None:
+    if len(data) < 24 or data[12:16] != b"IHDR":
+        return None
+    w, h = struct.unpack(">II", data[16:24])
+    return h, w
+
+
+def _reduction_for(size: tuple[int, int] | None, target: int | None) -> int:
+    """Largest JPEG DCT scale (1, 2, 4, 8) that keeps at least 2x the target size."""
+    if size is None or not target:
+        return 1
+    short_side = min(size)
+    for factor in (8, 4, 2):
+        if short_side // factor >= 2 * target:
+            return factor
+    return 1
+
+
+def decode_gray(path: str | os.PathLike, target: int | None = None) -> np.ndarray:
+    """Decode an image file to a 2-D uint8 grayscale array.
+
+    Colour and alpha are reduced to luminance, 16-bit images are mapped linearly
+    from 0..65535 to 0..255, and EXIF orientation is applied.
+
+    Args:
+        path: the file; any name, including non-ASCII characters and spaces.
+        target: the longest side the caller will resize to. Large JPEGs are then
+            decoded at 1/2, 1/4 or 1/8 scale, never below twice this size.
+
+    Raises:
+        ImageDecodeError: with a one-line reason, for anything not decodable.
+    """
+    path = Path(path)
+    try:
+        size_bytes = path.stat().st_size
+    except OSError as exc:
+        raise ImageDecodeError(f"cannot read file: {exc.strerror or exc}") from None
+    if size_bytes == 0:
+        raise ImageDecodeError("empty file (0 bytes)")
+    if size_bytes > MAX_FILE_BYTES:
+        raise ImageDecodeError(
+            f"file too large ({size_bytes / 2**20:.0f} MiB > {MAX_FILE_BYTES // 2**20} MiB)")
+    try:
+        # np.fromfile + imdecode instead of cv2.imread: works for any file name.
+        data = np.fromfile(path, dtype=np.uint8)
+    except OSError as exc:
+        raise ImageDecodeError(f"cannot read file: {exc.strerror or exc}") from None
+    raw = data[:64].tobytes()
+    fmt = sniff_format(raw)
+    if fmt is None:
+        raise ImageDecodeError("not a supported image (expected JPEG, PNG, BMP or TIFF content)")
+
+    flags = cv2.IMREAD_GRAYSCALE
+    dims: tuple[int, int] | None = None
+    if fmt == "jpeg":
+        blob = data.tobytes()
+        # A JPEG cut short still "decodes" in libjpeg (grey bottom rows and a
+        # warning); require an end-of-image marker after the last scan instead.
+        eoi = blob.rfind(b"\xff\xd9")
+        if eoi == -1 or eoi < blob.rfind(b"\xff\xda"):
+            raise ImageDecodeError("truncated JPEG (no end-of-image marker after the last scan)")
+        dims = _jpeg_size(blob)
+        factor = _reduction_for(dims, target)
+        if factor > 1:
+            flags = _REDUCED_FLAGS[factor]
+    elif fmt == "png":
+        dims = _png_size(raw)
+        flags = cv2.IMREAD_GRAYSCALE | cv2.IMREAD_ANYDEPTH
+        if not data[-12:].tobytes().startswith(b"\x00\x00\x00\x00IEND"):
+            raise ImageDecodeError("truncated PNG (no IEND chunk at the end)")
+    else:
+        flags = cv2.IMREAD_GRAYSCALE | cv2.IMREAD_ANYDEPTH
+    if dims is not None and dims[0] * dims[1] > MAX_PIXELS:
+        raise ImageDecodeError(
+            f"image too large ({dims[1]}x{dims[0]} px > {MAX_PIXELS // 1_000_000} megapixels)")
+
+    try:
+        image = cv2.imdecode(data, flags)
+    except cv2.error as exc:
+        reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else "OpenCV error"
+        raise ImageDecodeError(f"{fmt.upper()} decoder failed: {reason}") from None
+    if image is None or image.size == 0:
+        raise ImageDecodeError(f"corrupt or unreadable {fmt.upper()} data")
+    if image.ndim == 3:  # TIFF/BMP paths that ignored the grayscale request
+        image = cv2.cvtColor(image[..., :3], cv2.COLOR_BGR2GRAY)
+    if image.dtype == np.uint16:
+        image = (image.astype(np.float32) * (255.0 / 65535.0) + 0.5).astype(np.uint8)
+    elif image.dtype != np.uint8:
+        lo, hi = float(image.min()), float(image.max())
+        scale = 255.0 / (hi - lo) if hi > lo else 0.0
+        image = ((image.astype(np.float32) - lo) * scale + 0.5).astype(np.uint8)
+    return image
+
+
+def iter_chunks(items: list, size: int) -> Iterator[list]:
+    """Consecutive slices of ``items`` of at most ``size`` elements."""
+    for start in range(0, len(items), size):
+        yield items[start:start + size]
+

@@ -1,0 +1,147 @@
+"""Classification metrics in numpy: confusion counts, ROC AUC, threshold rules.
+
+PNEUMONIA is the positive class: ``recall`` is sensitivity and
+``specificity`` is the recall of NORMAL.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Sequence
+
+import numpy as np
+
+__all__ = ["BinaryMetrics", "binary_metrics", "choose_threshold", "roc_auc", "roc_curve",
+           "latency_summary"]
+
+
+@dataclass(frozen=True)
+class BinaryMetrics:
+    accuracy: float
+    precision: float
+    recall: float
+    specificity: float
+    f1: float
+    auc: float | None
+    tp: int
+    fp: int
+    tn: int
+    fn: int
+    n_labelled: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _safe_div(num: float, den: float) -> float:
+    return float(num) / float(den) if den else 0.0
+
+
+def roc_auc(y_true: Sequence[int], scores: Sequence[float]) -> float | None:
+    """Area under the ROC curve by the rank (Mann-Whitney) formula.
+
+    Tied scores get their average rank, so a tie between a positive and a
+    negative counts one half. Returns None when only one class is present.
+    """
+    y = np.asarray(y_true, dtype=bool)
+    s = np.asarray(scores, dtype=np.float64)
+    n_pos = int(y.sum())
+    n_neg = y.size - n_pos
+    if n_pos == 0 or n_neg == 0:
+        return None
+    order = np.argsort(s, kind="mergesort")
+    sorted_s = s[order]
+    ranks = np.empty(s.size, dtype=np.float64)
+    # average ranks over runs of equal scores
+    boundaries = np.flatnonzero(np.diff(sorted_s)) + 1
+    starts = np.concatenate(([0], boundaries))
+    ends = np.concatenate((boundaries, [s.size]))
+    avg = (starts + ends + 1) / 2.0  # mean of ranks start+1 .. end
+    ranks[order] = np.repeat(avg, ends - starts)
+    return float((ranks[y].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
+
+
+def roc_curve(y_true: Sequence[int], scores: Sequence[float]
+              ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """False-positive rate, true-positive rate and thresholds (decreasing).
+
+    Point i is the rule ``score >= thresholds[i]``; the first point is (0, 0).
+    """
+    y = np.asarray(y_true, dtype=bool)
+    s = np.asarray(scores, dtype=np.float64)
+    order = np.argsort(-s, kind="mergesort")
+    s_sorted, y_sorted = s[order], y[order]
+    last_of_run = np.r_[np.flatnonzero(np.diff(s_sorted)), s.size - 1]
+    tps = np.cumsum(y_sorted)[last_of_run]
+    fps = (last_of_run + 1) - tps
+    n_pos, n_neg = max(int(y.sum()), 1), max(int((~y).sum()), 1)
+    fpr = np.r_[0.0, fps / n_neg]
+    tpr = np.r_[0.0, tps / n_pos]
+    thresholds = np.r_[np.inf, s_sorted[last_of_run]]
+    return fpr, tpr, thresholds
+
+
+def binary_metrics(y_true: Sequence[int], scores: Sequence[float], threshold: float
+                   ) -> BinaryMetrics:
+    """Metrics of the rule ``score >= threshold`` means PNEUMONIA (label 1)."""
+    y = np.asarray(y_true, dtype=bool)
+    s = np.asarray(scores, dtype=np.float64)
+    pred = s >= threshold
+    tp = int(np.sum(pred & y))
+    fp = int(np.sum(pred & ~y))
+    tn = int(np.sum(~pred & ~y))
+    fn = int(np.sum(~pred & y))
+    precision = _safe_div(tp, tp + fp)
+    recall = _safe_div(tp, tp + fn)
+    return BinaryMetrics(
+        accuracy=_safe_div(tp + tn, y.size),
+        precision=precision,
+        recall=recall,
+        specificity=_safe_div(tn, tn + fp),
+        f1=_safe_div(2 * precision * recall, precision + recall),
+        auc=roc_auc(y, s),
+        tp=tp, fp=fp, tn=tn, fn=fn, n_labelled=int(y.size),
+    )
+
+
+def choose_threshold(y_true: Sequence[int], scores: Sequence[float],
+                     target_sensitivity: float | None = None) -> tuple[float, str]:
+    """Pick the decision threshold on validation scores.
+
+    Default rule: maximise Youden's J (sensitivity + specificity - 1). Many
+    thresholds share the best J (any value between two neighbouring scores);
+    the midpoint of that gap is returned, so the rule does not sit on one
+    validation image. With ``target_sensitivity`` S: the highest threshold whose
+    sensitivity is at least S (again the midpoint below the deciding score).
+
+    Returns:
+        (threshold, rule) where rule describes how it was chosen.
+    """
+    y = np.asarray(y_true, dtype=bool)
+    s = np.asarray(scores, dtype=np.float64)
+    if y.all() or not y.any():
+        raise ValueError("threshold selection needs both classes in the validation set")
+    fpr, tpr, thr = roc_curve(y, s)
+    if target_sensitivity is None:
+        idx = int(np.argmax(tpr - fpr))
+        rule = "youden_j_midpoint"
+    else:
+        if not 0.0 < target_sensitivity <= 1.0:
+            raise ValueError("target sensitivity must be in (0, 1]")
+        idx = int(np.flatnonzero(tpr >= target_sensitivity - 1e-12)[0])
+        rule = f"sensitivity>={target_sensitivity:g}_midpoint"
+    upper = thr[idx]
+    below = s[s < upper]
+    lower = float(below.max()) if below.size else 0.0
+    if not np.isfinite(upper):
+        return float(np.nextafter(lower, np.inf)), rule
+    return float((upper + lower) / 2.0), rule
+
+
+def latency_summary(ms_per_image: Sequence[float]) -> dict[str, float | None]:
+    """mean, p50, p95 and p99 of per-image model times in milliseconds."""
+    t = np.asarray(ms_per_image, dtype=np.float64)
+    if t.size == 0:
+        return {"mean": None, "p50": None, "p95": None, "p99": None}
+    p50, p95, p99 = np.percentile(t, [50, 95, 99])
+    return {"mean": float(t.mean()), "p50": float(p50), "p95": float(p95), "p99": float(p99)}

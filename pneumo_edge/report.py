@@ -1,0 +1,235 @@
+"""Report files of a prediction run: report.json, predictions.csv, report.html.
+
+Every file is written to a temporary name in the same folder and renamed, so a
+reader never sees half a report. The HTML is self-contained (inline SVG and
+CSS, no scripts, no network) and opens offline.
+"""
+
+from __future__ import annotations
+
+import csv
+import html
+import io
+import json
+import os
+import platform
+import tempfile
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+
+from . import __version__
+from .metrics import roc_curve
+from .predict import PredictionRun
+
+__all__ = ["DISCLAIMER", "atomic_write", "report_dict", "write_predictions_csv",
+           "write_report"]
+
+DISCLAIMER = ("pneumo-edge is a research and engineering tool, not a medical device. Its "
+              "output is not a diagnosis and must not be used for clinical decisions.")
+
+
+def atomic_write(path: str | os.PathLike, data: str | bytes) -> None:
+    """Write ``data`` to ``path`` via a temporary file in the same folder and a rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data.encode("utf-8") if isinstance(data, str) else data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _finite(x):
+    return None if x is None or not np.isfinite(x) else round(float(x), 6)
+
+
+def report_dict(run: PredictionRun) -> dict:
+    """The report.json contract of DESIGN.md (fixed keys), plus provenance."""
+    lat = run.latency_ms
+    return {
+        "model": run.model,
+        "n_images": run.n_images,
+        "n_failed": len(run.failures),
+        "metrics": None if run.metrics is None else run.metrics.to_dict(),
+        "latency_ms": {k: _finite(v) for k, v in lat.items()},
+        "end_to_end": {"seconds": round(run.seconds, 4),
+                       "images_per_second": round(run.images_per_second, 3),
+                       "batch_size": run.batch_size},
+        "failures": [{"path": f.path, "error": f.error} for f in run.failures],
+        "predictions": [{"path": p.path, "probability": round(p.probability, 6),
+                         "label": p.label, "truth": p.truth} for p in run.predictions],
+        "model_metadata": run.model_meta,
+        "n_predicted": len(run.predictions),
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "pneumo_edge_version": __version__,
+        "host": {"python": platform.python_version(), "machine": platform.machine(),
+                 "system": platform.system()},
+        "disclaimer": DISCLAIMER,
+    }
+
+
+def predictions_csv(run: PredictionRun) -> str:
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["path", "probability", "label", "threshold", "truth", "error"])
+    for p in run.predictions:
+        w.writerow([p.path, f"{p.probability:.6f}", p.label, f"{p.threshold:.6f}",
+                    p.truth or "", ""])
+    for f in run.failures:
+        w.writerow([f.path, "", "", "", "", f.error])
+    return buf.getvalue()
+
+
+def write_predictions_csv(run: PredictionRun, out_dir: str | os.PathLike) -> Path:
+    path = Path(out_dir) / "predictions.csv"
+    atomic_write(path, predictions_csv(run))
+    return path
+
+
+# ---------------------------------------------------------------- HTML report
+
+def _svg_roc(run: PredictionRun, size: int = 300) -> str:
+    labelled = [p for p in run.predictions if p.truth is not None]
+    y = [p.truth == "PNEUMONIA" for p in labelled]
+    if not labelled or all(y) or not any(y):
+        return "<p class='muted'>ROC curve needs labelled images of both classes.</p>"
+    fpr, tpr, _ = roc_curve(y, [p.probability for p in labelled])
+    m, s = 36, size - 46
+    pts = " ".join(f"{m + f * s:.1f},{m + (1 - t) * s - 26:.1f}" for f, t in zip(fpr, tpr))
+    mt = run.metrics
+    op = (f"<circle cx='{m + (1 - mt.specificity) * s:.1f}' cy='{m + (1 - mt.recall) * s - 26:.1f}'"
+          f" r='5' fill='#d62728'><title>threshold {run.model['threshold']:.3f}</title></circle>")
+    ticks = "".join(
+        f"<text x='{m + v * s:.0f}' y='{size - 14}' class='tick'>{v:g}</text>"
+        f"<text x='{m - 8}' y='{m + (1 - v) * s - 22:.0f}' class='tick' text-anchor='end'>{v:g}</text>"
+        for v in (0, 0.5, 1))
+    return (f"<svg width='{size}' height='{size}' role='img' aria-label='ROC curve'>"
+            f"<rect x='{m}' y='{m - 26}' width='{s}' height='{s}' fill='#fafafa' stroke='#999'/>"
+            f"<line x1='{m}' y1='{m + s - 26}' x2='{m + s}' y2='{m - 26}' stroke='#bbb' stroke-dasharray='4'/>"
+            f"<polyline points='{pts}' fill='none' stroke='#1f77b4' stroke-width='2'/>{op}{ticks}"
+            f"<text x='{m + s / 2}' y='{size - 1}' text-anchor='middle' class='axis'>1 - specificity</text>"
+            f"<text x='10' y='{m + s / 2 - 26}' text-anchor='middle' class='axis' "
+            f"transform='rotate(-90 10 {m + s / 2 - 26})'>sensitivity</text></svg>")
+
+
+def _svg_histogram(values: list[float], width: int = 420, height: int = 220,
+                   label: str = "ms per image") -> str:
+    if not values:
+        return "<p class='muted'>No timings.</p>"
+    v = np.asarray(values)
+    lo, hi = float(v.min()), float(v.max())
+    if hi <= lo:
+        hi = lo + 1e-3
+    counts, edges = np.histogram(v, bins=min(30, max(5, int(np.sqrt(v.size)))), range=(lo, hi))
+    m, w, h = 40, width - 50, height - 50
+    bw = w / len(counts)
+    top = max(int(counts.max()), 1)
+    bars = "".join(
+        f"<rect x='{m + i * bw:.1f}' y='{10 + h - c / top * h:.1f}' width='{max(bw - 1, 1):.1f}'"
+        f" height='{c / top * h:.1f}' fill='#2ca02c'><title>{edges[i]:.2f}-{edges[i + 1]:.2f} ms:"
+        f" {c}</title></rect>" for i, c in enumerate(counts))
+    return (f"<svg width='{width}' height='{height}' role='img' aria-label='latency histogram'>"
+            f"<line x1='{m}' y1='{10 + h}' x2='{m + w}' y2='{10 + h}' stroke='#999'/>{bars}"
+            f"<text x='{m}' y='{h + 26}' class='tick'>{lo:.2f}</text>"
+            f"<text x='{m + w}' y='{h + 26}' class='tick' text-anchor='end'>{hi:.2f}</text>"
+            f"<text x='{m - 4}' y='18' class='tick' text-anchor='end'>{top}</text>"
+            f"<text x='{m + w / 2}' y='{height - 4}' text-anchor='middle' class='axis'>{label}</text></svg>")
+
+
+def _confusion_html(run: PredictionRun) -> str:
+    mt = run.metrics
+    if mt is None:
+        return "<p class='muted'>No labelled images (folders named NORMAL or PNEUMONIA).</p>"
+    return ("<table class='cm'><tr><th></th><th>predicted NORMAL</th><th>predicted PNEUMONIA</th></tr>"
+            f"<tr><th>truth NORMAL</th><td class='ok'>{mt.tn}<small>TN</small></td>"
+            f"<td class='bad'>{mt.fp}<small>FP</small></td></tr>"
+            f"<tr><th>truth PNEUMONIA</th><td class='bad'>{mt.fn}<small>FN</small></td>"
+            f"<td class='ok'>{mt.tp}<small>TP</small></td></tr></table>")
+
+
+def _rows(pairs) -> str:
+    return "".join(f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(str(v))}</td></tr>"
+                   for k, v in pairs)
+
+
+def _fmt(x, digits=4):
+    return "n/a" if x is None else f"{x:.{digits}f}"
+
+
+def render_html(run: PredictionRun, report: dict) -> str:
+    mt = run.metrics
+    e = html.escape
+    metric_rows = [("labelled images", mt.n_labelled if mt else 0)]
+    if mt:
+        metric_rows += [("accuracy", _fmt(mt.accuracy)), ("sensitivity (recall)", _fmt(mt.recall)),
+                        ("specificity", _fmt(mt.specificity)), ("precision", _fmt(mt.precision)),
+                        ("F1", _fmt(mt.f1)), ("ROC AUC", _fmt(mt.auc))]
+    lat = report["latency_ms"]
+    speed_rows = [("provider", run.model["provider"]), ("batch size", run.batch_size),
+                  ("model ms/image mean / p50 / p95 / p99",
+                   " / ".join(_fmt(lat[k], 2) for k in ("mean", "p50", "p95", "p99"))),
+                  ("end-to-end", f"{run.seconds:.2f} s, {run.images_per_second:.1f} images/s")]
+    meta = dict(run.model_meta)
+    meta_rows = [(k, json.dumps(v) if isinstance(v, (dict, list)) else v)
+                 for k, v in meta.items()]
+    failures = ("".join(f"<tr><td>{e(f.path)}</td><td>{e(f.error)}</td></tr>" for f in run.failures)
+                or "<tr><td colspan='2' class='muted'>none</td></tr>")
+    pred_rows = "".join(
+        f"<tr class='{'mis' if p.truth and p.truth != p.label else ''}'><td>{e(p.path)}</td>"
+        f"<td>{p.probability:.4f}</td><td>{p.label}</td><td>{p.truth or ''}</td></tr>"
+        for p in run.predictions)
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>pneumo-edge report</title>
+<style>
+body{{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:24px auto;max-width:1100px;color:#222;padding:0 16px}}
+h1{{font-size:1.5em;margin-bottom:0}} h2{{font-size:1.15em;margin-top:28px;border-bottom:1px solid #ddd}}
+.disclaimer{{background:#fff4e5;border:1px solid #f0b429;padding:10px 14px;border-radius:6px;margin:14px 0}}
+table{{border-collapse:collapse;font-size:.92em}} th,td{{padding:4px 10px;border-bottom:1px solid #eee;text-align:left;vertical-align:top}}
+.grid{{display:flex;flex-wrap:wrap;gap:28px;align-items:flex-start}}
+.cm td{{font-size:1.3em;text-align:center;width:120px}} .cm small{{display:block;font-size:.55em;color:#666}}
+.ok{{background:#e8f5e9}} .bad{{background:#fdecea}} .muted{{color:#777}} tr.mis td{{background:#fdecea}}
+.tick{{font-size:11px;fill:#555}} .axis{{font-size:12px;fill:#333}}
+.scroll{{max-height:420px;overflow:auto;border:1px solid #eee}} code{{font-size:.9em}}
+</style></head><body>
+<h1>pneumo-edge prediction report</h1>
+<div class="muted">{e(report['created'])} &middot; pneumo-edge {e(__version__)} &middot; model <code>{e(run.model['path'])}</code> ({e(run.model['precision'])}, sha256 <code>{e(run.model['sha256'][:16])}&hellip;</code>)</div>
+<div class="disclaimer"><b>Not a medical device.</b> {e(DISCLAIMER)}</div>
+<p>{run.n_images} images: {len(run.predictions)} predicted, {len(run.failures)} failed. Decision threshold {run.model['threshold']:.4f} on P(PNEUMONIA).</p>
+<div class="grid">
+<div><h2>Metrics</h2><table>{_rows(metric_rows)}</table></div>
+<div><h2>Confusion matrix</h2>{_confusion_html(run)}</div>
+<div><h2>ROC curve</h2>{_svg_roc(run)}</div>
+</div>
+<div class="grid">
+<div><h2>Speed</h2><table>{_rows(speed_rows)}</table></div>
+<div><h2>Model time per image</h2>{_svg_histogram(run.model_ms_per_image)}</div>
+</div>
+<h2>Failures ({len(run.failures)})</h2>
+<table><tr><th>file</th><th>reason</th></tr>{failures}</table>
+<h2>Predictions ({len(run.predictions)})</h2>
+<div class="scroll"><table><tr><th>file</th><th>P(PNEUMONIA)</th><th>label</th><th>truth</th></tr>{pred_rows}</table></div>
+<h2>Model metadata</h2>
+<table>{_rows(meta_rows)}</table>
+</body></html>
+"""
+
+
+def write_report(run: PredictionRun, out_dir: str | os.PathLike) -> dict[str, Path]:
+    """Write report.json, predictions.csv and report.html into ``out_dir``."""
+    out = Path(out_dir)
+    report = report_dict(run)
+    paths = {"json": out / "report.json", "csv": out / "predictions.csv",
+             "html": out / "report.html"}
+    atomic_write(paths["json"], json.dumps(report, indent=2, ensure_ascii=False) + "\n")
+    atomic_write(paths["csv"], predictions_csv(run))
+    atomic_write(paths["html"], render_html(run, report))
+    return paths

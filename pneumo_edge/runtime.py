@@ -1,0 +1,238 @@
+"""ONNX models with ``pneumo_edge`` metadata on onnxruntime: load, choose a provider, run."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .preprocess import PreprocessConfig
+
+__all__ = ["METADATA_KEY", "SCHEMA_VERSION", "ModelError", "PneumoModel", "load_model",
+           "default_model_path", "read_metadata", "file_sha256"]
+
+METADATA_KEY = "pneumo_edge"
+SCHEMA_VERSION = 1
+REQUIRED_KEYS = ("schema", "input_name", "input_size", "channels", "class_names",
+                 "positive_class", "threshold", "precision")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+class ModelError(RuntimeError):
+    """The model file cannot be used (missing, not ONNX, no or bad metadata, bad provider)."""
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _ort():
+    import onnxruntime as ort  # imported on first use: keeps `--help` fast
+    return ort
+
+
+def _open_session(path: str | os.PathLike, so, providers: list):
+    """Create a session with onnxruntime's logger silenced.
+
+    onnxruntime-gpu logs a multi-line error when the CUDA provider cannot load
+    (no driver, no cuDNN); in ``auto`` mode that is expected, not an error.
+
+    Raises:
+        ModelError: the file is not a loadable ONNX model.
+    """
+    ort = _ort()
+    ort.set_default_logger_severity(4)
+    try:
+        return ort.InferenceSession(str(path), sess_options=so, providers=providers)
+    except Exception as exc:  # onnxruntime raises its own exception types
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelError(f"{path}: not a loadable ONNX model ({first})") from None
+    finally:
+        ort.set_default_logger_severity(3)
+
+
+def validate_metadata(meta: dict[str, Any], path: str | os.PathLike) -> dict[str, Any]:
+    missing = [k for k in REQUIRED_KEYS if k not in meta]
+    if missing:
+        raise ModelError(f"{path}: '{METADATA_KEY}' metadata lacks {', '.join(missing)}")
+    if not isinstance(meta["schema"], int) or meta["schema"] > SCHEMA_VERSION:
+        raise ModelError(f"{path}: metadata schema {meta['schema']!r} is newer than this "
+                         f"pneumo-edge understands ({SCHEMA_VERSION}); upgrade pneumo-edge")
+    if list(meta["class_names"]) != ["NORMAL", "PNEUMONIA"]:
+        raise ModelError(f"{path}: class_names must be ['NORMAL', 'PNEUMONIA'], "
+                         f"got {meta['class_names']!r}")
+    thr = meta["threshold"]
+    if not isinstance(thr, (int, float)) or not 0.0 <= float(thr) <= 1.0:
+        raise ModelError(f"{path}: threshold {thr!r} is not a probability")
+    return meta
+
+
+def _metadata_from_map(custom: dict[str, str], path) -> dict[str, Any]:
+    raw = custom.get(METADATA_KEY)
+    if raw is None:
+        raise ModelError(
+            f"{path}: no '{METADATA_KEY}' metadata in this ONNX file; pneumo-edge does not guess "
+            "preprocessing or threshold. Export models with `pneumo-edge export`.")
+    try:
+        meta = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise ModelError(f"{path}: '{METADATA_KEY}' metadata is not valid JSON ({exc})") from None
+    if not isinstance(meta, dict):
+        raise ModelError(f"{path}: '{METADATA_KEY}' metadata is not a JSON object")
+    return validate_metadata(meta, path)
+
+
+@dataclass
+class PneumoModel:
+    """A loaded model: its metadata, preprocessing, threshold and onnxruntime session."""
+
+    path: Path
+    meta: dict[str, Any]
+    session: Any = field(repr=False)
+    provider: str
+    sha256: str
+
+    @property
+    def preprocess(self) -> PreprocessConfig:
+        return PreprocessConfig.from_metadata(self.meta)
+
+    @property
+    def threshold(self) -> float:
+        return float(self.meta["threshold"])
+
+    @property
+    def precision(self) -> str:
+        return str(self.meta["precision"])
+
+    @property
+    def input_name(self) -> str:
+        return self.session.get_inputs()[0].name
+
+    def run(self, batch: np.ndarray) -> np.ndarray:
+        """P(PNEUMONIA) for a float32 (N, H, W, C) batch, shape (N,)."""
+        out = self.session.run(None, {self.input_name: np.ascontiguousarray(batch, np.float32)})
+        return np.asarray(out[0], dtype=np.float64).reshape(len(batch), -1)[:, -1]
+
+    def summary(self) -> dict[str, Any]:
+        return {"path": str(self.path), "sha256": self.sha256, "precision": self.precision,
+                "threshold": self.threshold, "provider": self.provider,
+                "arch": self.meta.get("arch"), "input_size": self.meta.get("input_size")}
+
+
+def _providers_for(device: str) -> list:
+    ort = _ort()
+    available = ort.get_available_providers()
+    if device == "cpu":
+        return ["CPUExecutionProvider"]
+    if "CUDAExecutionProvider" not in available:
+        if device == "cuda":
+            raise ModelError("--device cuda: this onnxruntime build has no CUDA provider "
+                             "(install onnxruntime-gpu on Linux x86-64 or Windows)")
+        return ["CPUExecutionProvider"]
+    return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+
+
+def physical_cores() -> int:
+    """Physical cores (hyper-threads share the FPU, so more threads rarely help)."""
+    try:
+        cores = set()
+        with open("/proc/cpuinfo") as fh:
+            phys = core = None
+            for line in fh:
+                if line.startswith("physical id"):
+                    phys = line.split(":")[1].strip()
+                elif line.startswith("core id"):
+                    core = line.split(":")[1].strip()
+                    cores.add((phys, core))
+        if cores:
+            return min(len(cores), os.cpu_count() or len(cores))
+    except OSError:
+        pass
+    return os.cpu_count() or 1
+
+
+def load_model(path: str | os.PathLike, device: str = "auto", threads: int | None = None,
+               warmup: int = 1) -> PneumoModel:
+    """Open an exported model and its metadata on the chosen device.
+
+    Args:
+        path: an ONNX file carrying ``pneumo_edge`` metadata.
+        device: ``auto`` (CUDA only if it really loads, else CPU), ``cpu`` or ``cuda``.
+        threads: intra-op threads; default the machine's physical cores.
+        warmup: dummy runs before returning, so the first real image is not slow.
+
+    Raises:
+        ModelError: missing file, not ONNX, no metadata, or ``cuda`` unavailable.
+    """
+    path = Path(path)
+    if device not in DEVICES:
+        raise ModelError(f"unknown device {device!r}; choose from {', '.join(DEVICES)}")
+    if not path.is_file():
+        raise ModelError(f"{path}: model file not found")
+    ort = _ort()
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.intra_op_num_threads = threads or physical_cores()
+    so.inter_op_num_threads = 1
+    so.log_severity_level = 3
+    providers = _providers_for(device)
+    session = _open_session(path, so, providers)
+    in_use = session.get_providers()[0]
+    if device == "cuda" and in_use != "CUDAExecutionProvider":
+        raise ModelError("--device cuda: the CUDA provider did not load (no GPU, driver, "
+                         "CUDA or cuDNN); use --device auto or cpu")
+    meta = _metadata_from_map(session.get_modelmeta().custom_metadata_map, path)
+    inputs = session.get_inputs()
+    if len(inputs) != 1 or len(inputs[0].shape) != 4:
+        raise ModelError(f"{path}: expected one NHWC image input, got "
+                         f"{[(i.name, i.shape) for i in inputs]}")
+    channels = inputs[0].shape[3]
+    if isinstance(channels, int) and channels != int(meta["channels"]):
+        raise ModelError(f"{path}: input has {channels} channels but metadata says "
+                         f"{meta['channels']}")
+    model = PneumoModel(path=path, meta=meta, session=session,
+                        provider=in_use.replace("ExecutionProvider", "").lower(),
+                        sha256=file_sha256(path))
+    cfg = model.preprocess
+    dummy = np.zeros((1, cfg.height, cfg.width, cfg.channels), np.float32)
+    for _ in range(max(warmup, 0)):
+        model.run(dummy)
+    return model
+
+
+def read_metadata(path: str | os.PathLike) -> tuple[dict[str, Any], list[dict], list[dict]]:
+    """Metadata, inputs and outputs of a model file, without running it."""
+    ort = _ort()
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    session = _open_session(path, so, ["CPUExecutionProvider"])
+    meta = _metadata_from_map(session.get_modelmeta().custom_metadata_map, path)
+    ios = lambda items: [{"name": i.name, "shape": list(i.shape), "type": i.type} for i in items]
+    return meta, ios(session.get_inputs()), ios(session.get_outputs())
+
+
+def default_model_path() -> Path | None:
+    """The release model used when ``--model`` is not given.
+
+    ``$PNEUMO_EDGE_MODEL`` if set; else the file named in ``exported/default.txt``
+    (looked up in the current folder, then beside the installed package).
+    """
+    env = os.environ.get("PNEUMO_EDGE_MODEL")
+    if env:
+        return Path(env)
+    for base in (Path.cwd() / "exported", Path(__file__).resolve().parents[1] / "exported"):
+        pointer = base / "default.txt"
+        if pointer.is_file():
+            name = pointer.read_text(encoding="utf-8").strip()
+            if name:
+                return base / name
+    return None

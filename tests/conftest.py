@@ -1,0 +1,104 @@
+"""Shared fixtures: tiny ONNX models with metadata, and awkward image files."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+# wide rich output in CliRunner, so that asserted paths are not wrapped mid-name
+os.environ["COLUMNS"] = "250"
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import cv2
+import numpy as np
+import pytest
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+SHARED_TRAIN = SHARED / "chest_xray" / "train"
+SHARED_ORIGINALS = SHARED / "originals"
+
+
+def tiny_metadata(**overrides) -> dict:
+    meta = {
+        "schema": 1, "input_name": "image", "input_size": [16, 16], "channels": 3,
+        "value_range": [0.0, 255.0], "resize": "area", "class_names": ["NORMAL", "PNEUMONIA"],
+        "positive_class": "PNEUMONIA", "threshold": 0.5, "threshold_rule": "fixed_for_tests",
+        "precision": "fp32", "arch": "mean_brightness", "trained_on": "nothing (test model)",
+        "val_metrics": {}, "created": "2026-01-01T00:00:00+00:00", "pneumo_edge_version": "test",
+    }
+    meta.update(overrides)
+    return meta
+
+
+def make_tiny_onnx(path: Path, meta: dict | None = None, *, size: int = 16, channels: int = 3,
+                   slope: float = 10.0, with_metadata: bool = True) -> Path:
+    """An NHWC model: P(PNEUMONIA) = sigmoid(slope * (mean pixel / 255 - 0.5)).
+
+    Brighter images score higher, so tests can build images with known outputs.
+    """
+    import onnx
+    from onnx import TensorProto, helper
+
+    x = helper.make_tensor_value_info("image", TensorProto.FLOAT, ["N", size, size, channels])
+    y = helper.make_tensor_value_info("pneumonia_prob", TensorProto.FLOAT, ["N", 1])
+    inits = [
+        helper.make_tensor("scale", TensorProto.FLOAT, [], [slope / 255.0]),
+        helper.make_tensor("shift", TensorProto.FLOAT, [], [-slope * 0.5]),
+        helper.make_tensor("shape", TensorProto.INT64, [2], [-1, 1]),
+    ]
+    nodes = [
+        helper.make_node("Transpose", ["image"], ["nchw"], perm=[0, 3, 1, 2]),
+        helper.make_node("GlobalAveragePool", ["nchw"], ["pooled"]),
+        helper.make_node("Flatten", ["pooled"], ["flat"]),
+        helper.make_node("ReduceMean", ["flat"], ["mean"], keepdims=1, axes=[1]),
+        helper.make_node("Mul", ["mean", "scale"], ["scaled"]),
+        helper.make_node("Add", ["scaled", "shift"], ["logit"]),
+        helper.make_node("Sigmoid", ["logit"], ["prob"]),
+        helper.make_node("Reshape", ["prob", "shape"], ["pneumonia_prob"]),
+    ]
+    graph = helper.make_graph(nodes, "tiny", [x], [y], initializer=inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    if with_metadata:
+        m = tiny_metadata(input_size=[size, size], channels=channels, **(meta or {}))
+        helper.set_model_props(model, {"pneumo_edge": json.dumps(m)})
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+    return path
+
+
+def prob_for_gray(level: float, slope: float = 10.0) -> float:
+    return float(1.0 / (1.0 + np.exp(-slope * (level / 255.0 - 0.5))))
+
+
+@pytest.fixture
+def tiny_model(tmp_path) -> Path:
+    return make_tiny_onnx(tmp_path / "tiny.onnx")
+
+
+def write_gray_jpeg(path: Path, level: int, size=(40, 30)) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img = np.full((size[1], size[0]), level, np.uint8)
+    ok, buf = cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, 95])
+    assert ok
+    buf.tofile(str(path))
+    return path
+
+
+@pytest.fixture
+def labelled_folder(tmp_path) -> Path:
+    """Four NORMAL (dark) and four PNEUMONIA (bright) images; model gets 3 + 3 right."""
+    root = tmp_path / "xrays"
+    for i, level in enumerate([30, 60, 90, 200]):      # the last NORMAL is bright: an FP
+        write_gray_jpeg(root / "NORMAL" / f"n{i}.jpeg", level)
+    for i, level in enumerate([160, 190, 220, 70]):     # the last PNEUMONIA is dark: an FN
+        write_gray_jpeg(root / "PNEUMONIA" / f"p{i}.jpeg", level)
+    return root
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if "slow" in item.keywords and not SHARED_TRAIN.is_dir():
+            item.add_marker(pytest.mark.skip(reason=f"{SHARED_TRAIN} not present"))
+

@@ -1,0 +1,154 @@
+"""Decoding by content: formats, depths, colour modes, sizes and broken files."""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+import pytest
+
+from pneumo_edge.images import ImageDecodeError, collect_images, decode_gray, label_from_path
+from pneumo_edge.preprocess import PreprocessConfig, load_image
+
+from conftest import SHARED_ORIGINALS
+
+
+def _encode(path, img, ext, params=()):
+    ok, buf = cv2.imencode(ext, img, list(params))
+    assert ok
+    buf.tofile(str(path))
+    return path
+
+
+@pytest.fixture
+def gradient():
+    return np.tile(np.arange(0, 256, 4, dtype=np.uint8), (48, 1))  # 48 x 64
+
+
+@pytest.mark.parametrize("ext", [".jpg", ".png", ".bmp", ".tiff"])
+def test_formats_decode_to_same_gray(tmp_path, gradient, ext):
+    path = _encode(tmp_path / f"img{ext}", gradient, ext, [cv2.IMWRITE_JPEG_QUALITY, 100] if ext == ".jpg" else [])
+    out = decode_gray(path)
+    assert out.dtype == np.uint8 and out.shape == (48, 64)
+    tol = 3 if ext == ".jpg" else 0
+    assert np.abs(out.astype(int) - gradient.astype(int)).max() <= tol
+
+
+def test_decoding_ignores_extension(tmp_path, gradient):
+    png_named_jpeg = _encode(tmp_path / "really_a_png.jpeg", gradient, ".png")
+    assert np.array_equal(decode_gray(png_named_jpeg), gradient)
+
+
+def test_png_16bit_maps_full_range(tmp_path):
+    img16 = np.array([[0, 65535], [32896, 257 * 100]], np.uint16)
+    out = decode_gray(_encode(tmp_path / "deep.png", img16, ".png"))
+    assert out.dtype == np.uint8
+    assert out.tolist() == [[0, 255], [128, 100]]
+
+
+def test_rgb_and_rgba_become_luminance(tmp_path):
+    rgb = np.zeros((10, 10, 3), np.uint8)
+    rgb[..., 2] = 255  # pure red in BGR order
+    out = decode_gray(_encode(tmp_path / "red.png", rgb, ".png"))
+    assert abs(int(out[0, 0]) - 76) <= 1  # 0.299 * 255
+    rgba = np.dstack([np.full((10, 10, 3), 200, np.uint8), np.zeros((10, 10), np.uint8)])
+    out = decode_gray(_encode(tmp_path / "alpha.png", rgba, ".png"))
+    assert out.shape == (10, 10) and int(out[0, 0]) == 200
+
+
+def test_tiny_image_is_resized_up(tmp_path):
+    path = _encode(tmp_path / "one.png", np.array([[123]], np.uint8), ".png")
+    x = load_image(path, PreprocessConfig(16, 16, 3))
+    assert x.shape == (16, 16, 3) and x.dtype == np.float32
+    assert np.all(x == 123.0)
+
+
+def test_huge_png_is_bounded_and_fast(tmp_path):
+    big = np.zeros((12000, 12000), np.uint8)
+    big[::2] = 255  # stripes average to 127.5
+    path = _encode(tmp_path / "huge.png", big, ".png", [cv2.IMWRITE_PNG_COMPRESSION, 9])
+    del big
+    x = load_image(path, PreprocessConfig(32, 32, 1))
+    assert x.shape == (32, 32, 1)
+    assert abs(float(x.mean()) - 127.5) < 2
+
+
+def test_large_jpeg_decodes_reduced(tmp_path):
+    img = np.full((3000, 2400), 90, np.uint8)
+    path = _encode(tmp_path / "big.jpg", img, ".jpg")
+    out = decode_gray(path, target=180)
+    assert out.shape == (750, 600)  # 1/4: the largest scale keeping >= 2x target (1/8 gives 300)
+    assert decode_gray(path).shape == (3000, 2400)
+
+
+@pytest.mark.parametrize("content, reason", [
+    (b"", "empty file"),
+    (b"hello, this is not an image\n", "not a supported image"),
+    (bytes(np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8)), "not a supported image"),
+    (b"\xff\xd8\xff\xe0" + b"\x00" * 100, "truncated JPEG"),
+    (b"\x89PNG\r\n\x1a\n" + b"\x00" * 50, "truncated PNG"),
+    (b"BM" + b"\x00" * 60, "corrupt or unreadable BMP"),
+])
+def test_broken_files_give_one_line_reasons(tmp_path, content, reason):
+    path = tmp_path / "broken.jpeg"
+    path.write_bytes(content)
+    with pytest.raises(ImageDecodeError) as info:
+        decode_gray(path)
+    assert reason in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_truncated_real_jpeg_is_a_failure(tmp_path, gradient):
+    good = _encode(tmp_path / "good.jpg", np.tile(gradient, (4, 4)), ".jpg")
+    data = good.read_bytes()
+    cut = tmp_path / "cut.jpg"
+    cut.write_bytes(data[: len(data) * 2 // 3])
+    with pytest.raises(ImageDecodeError, match="truncated JPEG"):
+        decode_gray(cut)
+
+
+def test_non_ascii_and_spaces_in_names(tmp_path, gradient):
+    folder = tmp_path / "rayos x" / "NORMAL"
+    folder.mkdir(parents=True)
+    path = _encode(folder / "tórax ñ 胸部.png", gradient, ".png")
+    assert collect_images([tmp_path]) == [path]
+    assert np.array_equal(decode_gray(path), gradient)
+    assert label_from_path(path) == "NORMAL"
+
+
+def test_collect_is_sorted_recursive_and_skips_folders_named_like_files(tmp_path, gradient):
+    (tmp_path / "b").mkdir()
+    (tmp_path / "a" / "deep").mkdir(parents=True)
+    (tmp_path / "x.jpeg").mkdir()  # a folder, not a file
+    for p in ["b/2.png", "a/deep/1.png", "a/0.PNG"]:
+        _encode(tmp_path / p, gradient, ".png")
+    (tmp_path / "notes.txt").write_text("not an image")
+    found = collect_images([tmp_path, tmp_path / "b" / "2.png"])
+    rel = [p.relative_to(tmp_path).as_posix() for p in found]
+    assert rel == ["a/0.PNG", "a/deep/1.png", "b/2.png"]
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        collect_images([tmp_path / "missing"])
+
+
+@pytest.mark.parametrize("path, truth", [
+    ("x/NORMAL/a.jpeg", "NORMAL"), ("x/pneumonia/sub/a.jpeg", "PNEUMONIA"),
+    ("x/other/a.jpeg", None), ("PNEUMONIA/NORMAL/a.jpeg", "NORMAL"), ("NORMAL.jpeg", None),
+])
+def test_label_from_nearest_folder(path, truth):
+    assert label_from_path(path) == truth
+
+
+@pytest.mark.slow
+def test_real_full_resolution_originals_decode_reduced():
+    files = collect_images([SHARED_ORIGINALS])
+    assert len(files) == 20
+    cfg = PreprocessConfig(180, 180, 3)
+    for f in files:
+        full = decode_gray(f)
+        reduced = decode_gray(f, target=180)
+        assert min(reduced.shape) >= 360 and reduced.shape[0] <= full.shape[0]
+        if min(full.shape) >= 720:  # large enough for at least 1/2 scale
+            assert reduced.shape[0] <= (full.shape[0] + 1) // 2
+        a = load_image(f, cfg)
+        b = cv2.resize(full, (180, 180), interpolation=cv2.INTER_AREA).astype(np.float32)
+        # reduced-scale decoding changes the model input by a few grey levels at most on average
+        assert np.abs(a[..., 0] - b).mean() < 3.0

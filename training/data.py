@@ -1,0 +1,194 @@
+"""Labelled files, the patient-level split, and the tf.data pipeline."""
+
+from __future__ import annotations
+
+import csv
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from pneumo_edge.images import IMAGE_EXTENSIONS, label_from_path
+from pneumo_edge.preprocess import PreprocessConfig, load_gray
+
+CLASS_NAMES = ("NORMAL", "PNEUMONIA")
+
+_PNEUMONIA_PATIENT = re.compile(r"^(person\d+)_(?:bacteria|virus)_\d+$", re.IGNORECASE)
+_NORMAL_PATIENT = re.compile(r"^((?:NORMAL2-)?IM-\d+)(?:-\d+)+$", re.IGNORECASE)
+
+
+class DataError(ValueError):
+    """The data folder cannot be used for training (one-line message)."""
+
+
+@dataclass(frozen=True)
+class Sample:
+    path: str
+    label: int  # 1 = PNEUMONIA
+    patient: str
+
+
+def patient_id(path: str | Path) -> str | None:
+    """Patient from the Kermany/Kaggle file naming, or None if the name carries none.
+
+    ``person12_bacteria_45.jpeg`` -> ``person12``;
+    ``NORMAL2-IM-0456-0001-0002.jpeg`` -> ``NORMAL2-IM-0456`` (patient is the
+    part before the image counters).
+    """
+    stem = Path(path).stem
+    m = _PNEUMONIA_PATIENT.match(stem)
+    if m:
+        return m.group(1).lower()
+    m = _NORMAL_PATIENT.match(stem)
+    if m:
+        return m.group(1).upper()
+    return None
+
+
+def discover(data_dir: str | Path) -> tuple[list[Sample], int]:
+    """Find labelled images under ``data_dir`` (NORMAL/ and PNEUMONIA/, at any depth).
+
+    Returns the samples (sorted by path) and how many had no patient in their
+    name (those are split per file).
+
+    Raises:
+        DataError: missing folder, no images, or one class absent.
+    """
+    root = Path(data_dir)
+    if not root.is_dir():
+        raise DataError(f"{root}: data folder not found")
+    samples: list[Sample] = []
+    no_patient = 0
+    for path in sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS
+                       and p.is_file()):
+        truth = label_from_path(path.relative_to(root))
+        if truth is None:
+            continue
+        pid = patient_id(path)
+        if pid is None:
+            no_patient += 1
+            pid = f"file:{path.relative_to(root).as_posix()}"
+        samples.append(Sample(str(path), int(truth == "PNEUMONIA"), pid))
+    counts = {c: sum(s.label == i for s in samples) for i, c in enumerate(CLASS_NAMES)}
+    if not samples:
+        raise DataError(f"{root}: no images inside NORMAL/ or PNEUMONIA/ folders")
+    missing = [c for c, n in counts.items() if n == 0]
+    if missing:
+        raise DataError(f"{root}: no images for class {', '.join(missing)} "
+                        "(need both NORMAL/ and PNEUMONIA/ folders)")
+    return samples, no_patient
+
+
+def patient_split(samples: list[Sample], val_fraction: float, seed: int
+                  ) -> tuple[list[Sample], list[Sample]]:
+    """Split by patient, stratified by class: no patient is on both sides.
+
+    Patients are grouped by their (majority) label and shuffled with ``seed``;
+    the first ``val_fraction`` of each group's images go to validation.
+
+    Raises:
+        DataError: too few patients for a split with both classes on each side.
+    """
+    if not 0.0 < val_fraction < 1.0:
+        raise DataError("--val-fraction must be between 0 and 1")
+    by_patient: dict[str, list[Sample]] = {}
+    for s in samples:
+        by_patient.setdefault(s.patient, []).append(s)
+    rng = np.random.default_rng(seed)
+    val_patients: set[str] = set()
+    for label in (0, 1):
+        group = sorted(p for p, ss in by_patient.items()
+                       if round(np.mean([s.label for s in ss])) == label)
+        if len(group) < 2:
+            raise DataError(f"too few {CLASS_NAMES[label]} patients ({len(group)}) "
+                            "for a train/validation split")
+        rng.shuffle(group)
+        want = val_fraction * sum(len(by_patient[p]) for p in group)
+        taken = 0
+        for p in group[:-1]:  # always leave at least one patient for training
+            if taken >= want:
+                break
+            val_patients.add(p)
+            taken += len(by_patient[p])
+    train = [s for s in samples if s.patient not in val_patients]
+    val = [s for s in samples if s.patient in val_patients]
+    for name, part in (("training", train), ("validation", val)):
+        if len({s.label for s in part}) < 2:
+            raise DataError(f"too few images for a split: the {name} set lacks a class")
+    return train, val
+
+
+def class_weights(samples: list[Sample]) -> dict[int, float]:
+    """Balanced weights n / (2 n_c), so each class contributes equally to the loss."""
+    labels = np.array([s.label for s in samples])
+    n = labels.size
+    return {c: float(n / (2.0 * max(int((labels == c).sum()), 1))) for c in (0, 1)}
+
+
+def write_split(path: Path, train: list[Sample], val: list[Sample]) -> None:
+    with open(path, "w", newline="", encoding="utf-8") as fh:
+        w = csv.writer(fh)
+        w.writerow(["path", "patient", "label", "subset"])
+        for subset, part in (("train", train), ("val", val)):
+            for s in part:
+                w.writerow([s.path, s.patient, CLASS_NAMES[s.label], subset])
+
+
+def read_split(path: Path) -> tuple[list[Sample], list[Sample]]:
+    train: list[Sample] = []
+    val: list[Sample] = []
+    with open(path, newline="", encoding="utf-8") as fh:
+        for row in csv.DictReader(fh):
+            s = Sample(row["path"], int(row["label"] == "PNEUMONIA"), row["patient"])
+            (val if row["subset"] == "val" else train).append(s)
+    return train, val
+
+
+def load_arrays(samples: list[Sample], cfg: PreprocessConfig) -> tuple[np.ndarray, np.ndarray]:
+    """Decode and resize every sample with the runtime's preprocessing (uint8 N,H,W,1)."""
+    images = np.empty((len(samples), cfg.height, cfg.width, 1), dtype=np.uint8)
+    for i, s in enumerate(samples):
+        images[i, :, :, 0] = load_gray(s.path, cfg)
+    return images, np.array([s.label for s in samples], dtype=np.float32)
+
+
+def to_model_input_tf(images, cfg: PreprocessConfig):
+    """TensorFlow twin of :func:`pneumo_edge.preprocess.to_model_input` (after resize).
+
+    uint8 (..., H, W, 1) -> float32 (..., H, W, channels) in ``cfg.value_range``.
+    """
+    import tensorflow as tf
+
+    lo, hi = cfg.value_range
+    x = tf.cast(images, tf.float32)
+    if (lo, hi) != (0.0, 255.0):
+        x = x * ((hi - lo) / 255.0) + lo
+    if cfg.channels != 1:
+        x = tf.repeat(x, cfg.channels, axis=-1)
+    return x
+
+
+def make_dataset(images: np.ndarray, labels: np.ndarray, cfg: PreprocessConfig, *,
+                 batch_size: int, training: bool, seed: int, augment=None):
+    """A shuffled (training only), augmented, batched, prefetched tf.data pipeline.
+
+    ``images`` are the cached uint8 arrays from :func:`load_arrays`, so decoding
+    happens once per run and each epoch only augments. ``augment`` maps one
+    uint8 (H, W, 1) image and a seed pair to float32 (H, W, 1) in 0..255.
+    """
+    import tensorflow as tf
+
+    ds = tf.data.Dataset.from_tensor_slices((images, labels))
+    if training:
+        ds = ds.shuffle(len(labels), seed=seed, reshuffle_each_iteration=True)
+    if training and augment is not None:
+        # a repeatable stream of per-image seeds for the stateless augmentation
+        seeds = tf.data.Dataset.random(seed=seed).batch(2, drop_remainder=True)
+        ds = tf.data.Dataset.zip((ds, seeds)).map(
+            lambda xy, s: (to_model_input_tf(augment(xy[0], s), cfg), xy[1]),
+            num_parallel_calls=tf.data.AUTOTUNE)
+    else:
+        ds = ds.map(lambda x, y: (to_model_input_tf(x, cfg), y),
+                    num_parallel_calls=tf.data.AUTOTUNE)
+    return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)

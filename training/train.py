@@ -1,0 +1,294 @@
+"""The training loop: ``pneumo-edge train`` calls :func:`train`.
+
+A run folder holds everything needed to continue, audit and export a run:
+``config.json``, ``split.csv``, ``history.csv``, ``best.keras``, ``curves.png``,
+``val_metrics.json`` and, while unfinished, ``backup/`` (for ``--resume``).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from pneumo_edge.metrics import binary_metrics, choose_threshold
+from pneumo_edge.preprocess import PreprocessConfig
+
+from .augment import AugmentConfig, make_augment
+from .data import (CLASS_NAMES, class_weights, discover, load_arrays, make_dataset,
+                   patient_split, read_split, write_split)
+
+
+@dataclass
+class TrainConfig:
+    data: str
+    out: str = "runs/latest"
+    arch: str = "resnet18"
+    img_size: int = 180
+    channels: int = 3
+    epochs: int = 30
+    batch_size: int = 32
+    lr: float = 1e-3
+    weight_decay: float = 1e-4   # decoupled (AdamW)
+    dropout: float = 0.3
+    label_smoothing: float = 0.05
+    schedule: str = "cosine"     # "cosine" (warm-up + cosine) or "plateau"
+    warmup_epochs: int = 1
+    patience: int = 8            # EarlyStopping on val AUC
+    val_fraction: float = 0.15
+    seed: int = 42
+    target_sensitivity: float | None = None
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    class_balance: bool = True
+    max_images: int | None = None  # subsample (stratified) for quick experiments
+    strategy: str = "auto"       # "auto", "mirrored", "default"
+    mixed_precision: str = "auto"  # "auto" (on GPU), "on", "off"
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["augment"] = self.augment.to_dict()
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        known = {f.name for f in fields(cls)}
+        d = {k: v for k, v in d.items() if k in known}
+        d["augment"] = AugmentConfig(**d.get("augment", {}))
+        return cls(**d)
+
+    @property
+    def preprocess(self) -> PreprocessConfig:
+        return PreprocessConfig(self.img_size, self.img_size, self.channels)
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    best_epoch: int
+    epochs_run: int
+    val_metrics: dict
+    threshold: float
+    threshold_rule: str
+    devices: list[str]
+    seconds: float
+    n_train: int
+    n_val: int
+    no_patient_files: int
+
+
+class TrainInterrupted(RuntimeError):
+    """Training stopped by Ctrl-C; the run folder can be resumed."""
+
+
+def select_strategy(kind: str = "auto"):
+    """A distribution strategy and the device names it trains on.
+
+    ``auto``: MirroredStrategy over all visible GPUs when there are several, the
+    default strategy on one GPU or on the CPU. ``mirrored``: MirroredStrategy over
+    the GPUs, or over the logical CPUs when there is no GPU (used by the tests).
+    """
+    import tensorflow as tf
+
+    gpus = [d.name for d in tf.config.list_logical_devices("GPU")]
+    if kind == "mirrored" or (kind == "auto" and len(gpus) > 1):
+        devices = gpus or [d.name for d in tf.config.list_logical_devices("CPU")]
+        return tf.distribute.MirroredStrategy(devices=devices), devices
+    devices = gpus[:1] or [d.name for d in tf.config.list_logical_devices("CPU")][:1]
+    return tf.distribute.get_strategy(), devices
+
+
+def _subsample(samples, n, seed):
+    rng = np.random.default_rng(seed)
+    idx = rng.permutation(len(samples))[:n]
+    return [samples[i] for i in sorted(idx)]
+
+
+def _write_json(path: Path, obj) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def plot_curves(history_csv: Path, out_png: Path) -> None:
+    """Loss, AUC and learning rate per epoch from ``history.csv``."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    with open(history_csv, newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    if not rows:
+        return
+    ep = [int(r["epoch"]) + 1 for r in rows]
+    col = lambda k: [float(r[k]) if r.get(k) not in (None, "") else np.nan for r in rows]
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    for key, ax, title in (("loss", axes[0], "loss"), ("auc", axes[1], "AUC")):
+        ax.plot(ep, col(key), marker="o", label="train")
+        if f"val_{key}" in rows[0]:
+            ax.plot(ep, col(f"val_{key}"), marker="o", label="validation")
+        ax.set_title(title); ax.set_xlabel("epoch"); ax.legend(); ax.grid(alpha=0.3)
+    if "learning_rate" in rows[0]:
+        axes[2].plot(ep, col("learning_rate"), marker="o")
+    axes[2].set_title("learning rate"); axes[2].set_xlabel("epoch"); axes[2].grid(alpha=0.3)
+    fig.tight_layout()
+    tmp = out_png.with_name(out_png.stem + ".tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, out_png)
+
+
+def _lr_schedule(cfg: TrainConfig, steps_per_epoch: int):
+    import keras
+
+    if cfg.schedule == "plateau":
+        return cfg.lr
+    if cfg.schedule != "cosine":
+        raise ValueError(f"unknown schedule {cfg.schedule!r} (cosine or plateau)")
+    warm = cfg.warmup_epochs * steps_per_epoch
+    total = max(cfg.epochs * steps_per_epoch - warm, 1)
+    return keras.optimizers.schedules.CosineDecay(
+        initial_learning_rate=cfg.lr * (0.1 if warm else 1.0), decay_steps=total, alpha=0.01,
+        warmup_target=cfg.lr if warm else None, warmup_steps=warm)
+
+
+def _best_from_history(history_csv: Path) -> tuple[float | None, int]:
+    if not history_csv.exists():
+        return None, 0
+    with open(history_csv, newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    vals = [float(r["val_auc"]) for r in rows if r.get("val_auc")]
+    return (max(vals) if vals else None), len(rows)
+
+
+def train(cfg: TrainConfig, *, resume: bool = False,
+          on_epoch: Callable[[int, dict], None] | None = None) -> TrainResult:
+    """Train a model as ``cfg`` says and fill the run folder.
+
+    Args:
+        cfg: the configuration; with ``resume`` the run folder's saved
+            ``config.json`` is used instead (only ``epochs`` may be raised).
+        resume: continue an interrupted run from its last completed epoch.
+        on_epoch: called after each epoch with (epoch index, logs) for progress.
+
+    Raises:
+        DataError: unusable data folder. TrainInterrupted: Ctrl-C (resumable).
+    """
+    import keras
+    import tensorflow as tf
+
+    run_dir = Path(cfg.out)
+    if resume:
+        saved = run_dir / "config.json"
+        if not saved.exists():
+            raise FileNotFoundError(f"{run_dir}: no config.json to resume from")
+        epochs = cfg.epochs
+        cfg = TrainConfig.from_dict(json.loads(saved.read_text()))
+        cfg.epochs = max(cfg.epochs, epochs)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    keras.utils.set_random_seed(cfg.seed)
+
+    strategy, devices = select_strategy(cfg.strategy)
+    on_gpu = any("GPU" in d for d in devices)
+    mixed = cfg.mixed_precision == "on" or (cfg.mixed_precision == "auto" and on_gpu)
+    keras.mixed_precision.set_global_policy("mixed_float16" if mixed else "float32")
+
+    pre = cfg.preprocess
+    split_csv = run_dir / "split.csv"
+    samples, no_patient = discover(cfg.data)
+    if resume and split_csv.exists():
+        train_s, val_s = read_split(split_csv)
+    else:
+        if cfg.max_images and cfg.max_images < len(samples):
+            samples = _subsample(samples, cfg.max_images, cfg.seed)
+        train_s, val_s = patient_split(samples, cfg.val_fraction, cfg.seed)
+        write_split(split_csv, train_s, val_s)
+    cfg_dict = cfg.to_dict() | {"devices": devices, "mixed_precision_used": mixed,
+                                "no_patient_files": no_patient,
+                                "n_train": len(train_s), "n_val": len(val_s),
+                                "class_names": list(CLASS_NAMES)}
+    _write_json(run_dir / "config.json", cfg_dict)
+
+    x_train, y_train = load_arrays(train_s, pre)
+    x_val, y_val = load_arrays(val_s, pre)
+    global_batch = cfg.batch_size
+    train_ds = make_dataset(x_train, y_train, pre, batch_size=global_batch, training=True,
+                            seed=cfg.seed, augment=make_augment(cfg.augment))
+    val_ds = make_dataset(x_val, y_val, pre, batch_size=global_batch, training=False,
+                          seed=cfg.seed)
+    steps = int(np.ceil(len(y_train) / global_batch))
+
+    from .models import create_model
+    with strategy.scope():
+        model = create_model(cfg.arch, input_shape=(cfg.img_size, cfg.img_size, cfg.channels),
+                             dropout=cfg.dropout)
+        model.compile(
+            optimizer=keras.optimizers.AdamW(learning_rate=_lr_schedule(cfg, steps),
+                                             weight_decay=cfg.weight_decay),
+            loss=keras.losses.BinaryCrossentropy(label_smoothing=cfg.label_smoothing),
+            metrics=[keras.metrics.AUC(name="auc"), keras.metrics.BinaryAccuracy(name="accuracy"),
+                     keras.metrics.Precision(name="precision"),
+                     keras.metrics.Recall(name="recall")])
+
+    history_csv = run_dir / "history.csv"
+    best_so_far, done_epochs = _best_from_history(history_csv) if resume else (None, 0)
+    if not resume and history_csv.exists():
+        history_csv.unlink()
+
+    class _Progress(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            if logs is None:
+                return
+            # in place, so that CSVLogger (after this callback) records it too
+            logs["learning_rate"] = float(keras.ops.convert_to_numpy(
+                self.model.optimizer.learning_rate))
+            if on_epoch:
+                on_epoch(epoch, dict(logs))
+
+    callbacks = [
+        keras.callbacks.BackupAndRestore(str(run_dir / "backup")),
+        keras.callbacks.ModelCheckpoint(str(run_dir / "best.keras"), monitor="val_auc",
+                                        mode="max", save_best_only=True,
+                                        initial_value_threshold=best_so_far),
+        keras.callbacks.EarlyStopping(monitor="val_auc", mode="max", patience=cfg.patience,
+                                      restore_best_weights=False),
+        _Progress(),
+        keras.callbacks.CSVLogger(str(history_csv), append=resume),
+    ]
+    if cfg.schedule == "plateau":
+        callbacks.insert(2, keras.callbacks.ReduceLROnPlateau(
+            monitor="val_auc", mode="max", factor=0.3, patience=max(cfg.patience // 3, 1),
+            min_lr=cfg.lr * 1e-3))
+
+    t0 = time.perf_counter()
+    try:
+        model.fit(train_ds, validation_data=val_ds, epochs=cfg.epochs,
+                  class_weight=class_weights(train_s) if cfg.class_balance else None,
+                  callbacks=callbacks, verbose=0)
+    except KeyboardInterrupt:
+        raise TrainInterrupted(
+            f"interrupted; resume with: pneumo-edge train --out {run_dir} --resume") from None
+    seconds = time.perf_counter() - t0
+
+    best = keras.models.load_model(run_dir / "best.keras")
+    probs = best.predict(val_ds, verbose=0).reshape(-1)
+    threshold, rule = choose_threshold(y_val, probs, cfg.target_sensitivity)
+    metrics = binary_metrics(y_val, probs, threshold).to_dict()
+    with open(history_csv, newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    aucs = [float(r["val_auc"]) for r in rows]
+    best_epoch = int(rows[int(np.argmax(aucs))]["epoch"]) + 1
+    val = {"threshold": threshold, "threshold_rule": rule, "metrics": metrics,
+           "best_epoch": best_epoch, "epochs_run": len(rows), "n_val": len(val_s),
+           "n_val_patients": len({s.patient for s in val_s}),
+           "train_seconds_this_session": round(seconds, 1)}
+    _write_json(run_dir / "val_metrics.json", val)
+    np.save(run_dir / "val_probs.npy", probs.astype(np.float32))
+    plot_curves(history_csv, run_dir / "curves.png")
+    return TrainResult(run_dir, best_epoch, len(rows), metrics, threshold, rule, devices,
+                       seconds, len(train_s), len(val_s), no_patient)
