@@ -121,8 +121,7 @@ def plot_curves(history_csv: Path, out_png: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    with open(history_csv, newline="") as fh:
-        rows = list(csv.DictReader(fh))
+    rows = _read_history(history_csv)
     if not rows:
         return
     ep = [int(r["epoch"]) + 1 for r in rows]
@@ -157,13 +156,17 @@ def _lr_schedule(cfg: TrainConfig, steps_per_epoch: int):
         warmup_target=cfg.lr if warm else None, warmup_steps=warm)
 
 
-def _best_from_history(history_csv: Path) -> tuple[float | None, int]:
+def _read_history(history_csv: Path) -> list[dict]:
     if not history_csv.exists():
-        return None, 0
+        return []
     with open(history_csv, newline="") as fh:
-        rows = list(csv.DictReader(fh))
-    vals = [float(r["val_auc"]) for r in rows if r.get("val_auc")]
-    return (max(vals) if vals else None), len(rows)
+        return list(csv.DictReader(fh))
+
+
+def _best_val_auc(history_csv: Path) -> float | None:
+    """Best validation AUC logged so far (a resumed run must beat it to checkpoint)."""
+    vals = [float(r["val_auc"]) for r in _read_history(history_csv) if r.get("val_auc")]
+    return max(vals) if vals else None
 
 
 def train(cfg: TrainConfig, *, resume: bool = False,
@@ -236,19 +239,22 @@ def train(cfg: TrainConfig, *, resume: bool = False,
                      keras.metrics.Recall(name="recall")])
 
     history_csv = run_dir / "history.csv"
-    best_so_far, done_epochs = _best_from_history(history_csv) if resume else (None, 0)
+    best_so_far = _best_val_auc(history_csv) if resume else None
     if not resume and history_csv.exists():
         history_csv.unlink()
 
-    class _Progress(keras.callbacks.Callback):
+    class _LogLearningRate(keras.callbacks.Callback):
         def on_epoch_end(self, epoch, logs=None):
-            if logs is None:
-                return
-            # in place, so that CSVLogger (after this callback) records it too
-            logs["learning_rate"] = float(keras.ops.convert_to_numpy(
-                self.model.optimizer.learning_rate))
+            if logs is not None:  # in place, so that CSVLogger (next) records it
+                logs["learning_rate"] = float(keras.ops.convert_to_numpy(
+                    self.model.optimizer.learning_rate))
+
+    class _Report(keras.callbacks.Callback):
+        # last in the list: by the time it runs, the epoch is checkpointed and logged,
+        # so an interrupt raised from here (or later) leaves a resumable run folder
+        def on_epoch_end(self, epoch, logs=None):
             if on_epoch:
-                on_epoch(epoch, dict(logs))
+                on_epoch(epoch, dict(logs or {}))
 
     callbacks = [
         keras.callbacks.BackupAndRestore(str(run_dir / "backup")),
@@ -257,8 +263,9 @@ def train(cfg: TrainConfig, *, resume: bool = False,
                                         initial_value_threshold=best_so_far),
         keras.callbacks.EarlyStopping(monitor="val_auc", mode="max", patience=cfg.patience,
                                       restore_best_weights=False),
-        _Progress(),
+        _LogLearningRate(),
         keras.callbacks.CSVLogger(str(history_csv), append=resume),
+        _Report(),
     ]
     if cfg.schedule == "plateau":
         callbacks.insert(2, keras.callbacks.ReduceLROnPlateau(
@@ -279,8 +286,7 @@ def train(cfg: TrainConfig, *, resume: bool = False,
     probs = best.predict(val_ds, verbose=0).reshape(-1)
     threshold, rule = choose_threshold(y_val, probs, cfg.target_sensitivity)
     metrics = binary_metrics(y_val, probs, threshold).to_dict()
-    with open(history_csv, newline="") as fh:
-        rows = list(csv.DictReader(fh))
+    rows = _read_history(history_csv)
     aucs = [float(r["val_auc"]) for r in rows]
     best_epoch = int(rows[int(np.argmax(aucs))]["epoch"]) + 1
     val = {"threshold": threshold, "threshold_rule": rule, "metrics": metrics,

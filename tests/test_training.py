@@ -1,0 +1,213 @@
+"""Training side (TensorFlow): data split, pipeline parity, augmentation, runs, resume."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+tf = pytest.importorskip("tensorflow")
+
+from pneumo_edge.preprocess import PreprocessConfig, load_image  # noqa: E402
+from training.augment import AugmentConfig, make_augment  # noqa: E402
+from training.data import (DataError, class_weights, discover, load_arrays,  # noqa: E402
+                           make_dataset, patient_id, patient_split)
+from training.train import TrainConfig, TrainInterrupted, train  # noqa: E402
+
+from conftest import SHARED_TRAIN  # noqa: E402
+from synthetic import make_dataset as make_synthetic  # noqa: E402
+
+pytestmark = pytest.mark.tf
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    return make_synthetic(tmp_path_factory.mktemp("data") / "train", n_patients=12)
+
+
+def tiny_cfg(data: Path, out: Path, **kw) -> TrainConfig:
+    base = dict(data=str(data), out=str(out), arch="resnet_tiny", img_size=32, epochs=1,
+                batch_size=8, patience=3, val_fraction=0.25, seed=1)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+@pytest.mark.parametrize("name, patient", [
+    ("person12_bacteria_45.jpeg", "person12"), ("person7_virus_3.jpeg", "person7"),
+    ("IM-0115-0001.jpeg", "IM-0115"), ("NORMAL2-IM-0456-0001-0002.jpeg", "NORMAL2-IM-0456"),
+    ("scan.jpeg", None),
+])
+def test_patient_id_from_names(name, patient):
+    assert patient_id(name) == patient
+
+
+def test_split_is_patient_disjoint_and_stratified(data_dir):
+    samples, no_patient = discover(data_dir)
+    assert no_patient == 0 and len(samples) == 48
+    train_s, val_s = patient_split(samples, 0.25, seed=3)
+    assert not {s.patient for s in train_s} & {s.patient for s in val_s}
+    assert {s.label for s in val_s} == {0, 1} and {s.label for s in train_s} == {0, 1}
+    assert 8 <= len(val_s) <= 16
+    again = patient_split(samples, 0.25, seed=3)
+    assert [s.path for s in again[1]] == [s.path for s in val_s]
+
+
+def test_discover_errors(tmp_path, data_dir):
+    with pytest.raises(DataError, match="not found"):
+        discover(tmp_path / "nope")
+    only_normal = tmp_path / "one"
+    (only_normal / "NORMAL").mkdir(parents=True)
+    for f in list((data_dir / "NORMAL").iterdir())[:3]:
+        (only_normal / "NORMAL" / f.name).write_bytes(f.read_bytes())
+    with pytest.raises(DataError, match="PNEUMONIA"):
+        discover(only_normal)
+    samples, _ = discover(data_dir)
+    with pytest.raises(DataError, match="too few"):
+        patient_split([s for s in samples if s.patient in ("IM-0100", "person1")], 0.3, 0)
+
+
+def test_class_weights_balance_the_loss(data_dir):
+    samples, _ = discover(data_dir)
+    unbalanced = samples + [s for s in samples if s.label == 1] * 2  # 3 PNEUMONIA per NORMAL
+    w = class_weights(unbalanced)
+    n0 = sum(s.label == 0 for s in unbalanced)
+    n1 = len(unbalanced) - n0
+    assert w[0] * n0 == pytest.approx(w[1] * n1)
+    assert w[0] == pytest.approx(len(unbalanced) / (2 * n0)) and w[0] > 1 > w[1]
+
+
+def test_tf_pipeline_matches_runtime_preprocessing(data_dir):
+    samples, _ = discover(data_dir)
+    cfg = PreprocessConfig(40, 40, 3)
+    images, labels = load_arrays(samples[:6], cfg)
+    ds = make_dataset(images, labels, cfg, batch_size=6, training=False, seed=0)
+    batch, y = next(iter(ds))
+    for i, s in enumerate(samples[:6]):
+        runtime = load_image(s.path, cfg)
+        assert np.abs(batch[i].numpy() - runtime).max() <= 1.0  # within 1/255 of the range
+    assert y.numpy().tolist() == [float(s.label) for s in samples[:6]]
+
+
+def test_augmentation_keeps_shape_range_and_labels(data_dir):
+    samples, _ = discover(data_dir)
+    cfg = PreprocessConfig(32, 32, 3)
+    images, labels = load_arrays(samples, cfg)
+    aug = make_augment(AugmentConfig())
+    ds = make_dataset(images, labels, cfg, batch_size=len(labels), training=True, seed=0,
+                      augment=aug)
+    x, y = next(iter(ds))
+    assert x.shape == (len(labels), 32, 32, 3) and x.dtype == tf.float32
+    assert float(tf.reduce_min(x)) >= 0.0 and float(tf.reduce_max(x)) <= 255.0
+    assert sorted(y.numpy().tolist()) == sorted(labels.tolist())  # shuffled, not changed
+    one = images[0]
+    a = aug(one, tf.constant([1, 2], tf.int64)).numpy()
+    b = aug(one, tf.constant([1, 2], tf.int64)).numpy()
+    c = aug(one, tf.constant([3, 4], tf.int64)).numpy()
+    assert np.array_equal(a, b) and not np.array_equal(a, c)  # stateless: seed decides
+    assert make_augment(AugmentConfig(flip=False, zoom=0, rotation=0, shift=0, brightness=0,
+                                      contrast=0, gamma=0)) is None
+
+
+def test_one_epoch_run_folder(data_dir, tmp_path):
+    seen = []
+    result = train(tiny_cfg(data_dir, tmp_path / "run"), on_epoch=lambda e, l: seen.append(l))
+    run = tmp_path / "run"
+    for name in ("best.keras", "history.csv", "split.csv", "val_metrics.json", "config.json",
+                 "curves.png"):
+        assert (run / name).is_file(), name
+    assert not (run / "backup").exists()  # removed once training finished
+    with open(run / "split.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == 48
+    train_p = {r["patient"] for r in rows if r["subset"] == "train"}
+    val_p = {r["patient"] for r in rows if r["subset"] == "val"}
+    assert train_p and val_p and not train_p & val_p
+    val = json.loads((run / "val_metrics.json").read_text())
+    assert 0.0 <= val["threshold"] <= 1.0 and val["threshold_rule"] == "youden_j_midpoint"
+    assert val["metrics"]["n_labelled"] == len(val_p) * 2 == result.n_val
+    assert set(val["metrics"]) >= {"auc", "recall", "specificity", "accuracy"}
+    cfg = json.loads((run / "config.json").read_text())
+    assert cfg["arch"] == "resnet_tiny" and cfg["img_size"] == 32
+    assert len(seen) == 1 and "val_auc" in seen[0] and "learning_rate" in seen[0]
+
+
+def test_target_sensitivity_rule(data_dir, tmp_path):
+    train(tiny_cfg(data_dir, tmp_path / "run", target_sensitivity=1.0))
+    val = json.loads((tmp_path / "run" / "val_metrics.json").read_text())
+    assert val["threshold_rule"].startswith("sensitivity>=1")
+    assert val["metrics"]["recall"] == 1.0
+
+
+def test_interrupted_run_resumes(data_dir, tmp_path):
+    out = tmp_path / "run"
+
+    def interrupt(epoch, logs):
+        if epoch == 0:
+            raise KeyboardInterrupt
+
+    with pytest.raises(TrainInterrupted, match="--resume"):
+        train(tiny_cfg(data_dir, out, epochs=2), on_epoch=interrupt)
+    assert (out / "backup").is_dir() and (out / "config.json").is_file()
+    epochs = []
+    train(tiny_cfg(data_dir, out, epochs=2), resume=True, on_epoch=lambda e, l: epochs.append(e))
+    assert epochs == [1]  # continued with the second epoch, not from scratch
+    with open(out / "history.csv") as fh:
+        assert [int(r["epoch"]) for r in csv.DictReader(fh)] == [0, 1]
+    assert (out / "val_metrics.json").is_file() and not (out / "backup").exists()
+
+
+def test_mirrored_strategy_on_two_logical_cpus(data_dir, tmp_path):
+    script = textwrap.dedent(f"""
+        import tensorflow as tf
+        cpu = tf.config.list_physical_devices("CPU")[0]
+        tf.config.set_logical_device_configuration(
+            cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+        import sys; sys.path.insert(0, {str(Path(__file__).parent)!r})
+        from training.train import TrainConfig, train
+        r = train(TrainConfig(data={str(data_dir)!r}, out={str(tmp_path / 'mirror')!r},
+                              arch="resnet_tiny", img_size=32, epochs=1, batch_size=8,
+                              val_fraction=0.25, strategy="mirrored"))
+        print("DEVICES", len(r.devices), r.devices)
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "DEVICES 2" in proc.stdout
+    assert (tmp_path / "mirror" / "best.keras").is_file()
+
+
+def test_train_cli_errors_and_table(data_dir, tmp_path):
+    from typer.testing import CliRunner
+    from pneumo_edge.cli import EXIT_USAGE, app
+
+    runner = CliRunner()
+    res = runner.invoke(app, ["train", "--data", str(tmp_path / "missing"), "--out",
+                              str(tmp_path / "r")])
+    assert res.exit_code == EXIT_USAGE and "not found" in res.output
+    res = runner.invoke(app, ["train", "--data", str(data_dir), "--out", str(tmp_path / "r"),
+                              "--arch", "resnet_tiny", "--img-size", "32", "--epochs", "1",
+                              "--batch-size", "8", "--val-fraction", "0.25"])
+    assert res.exit_code == 0, res.output
+    assert "best epoch" in res.output and "threshold" in res.output and "val AUC" in res.output
+
+
+@pytest.mark.slow
+def test_real_subset_trains(tmp_path):
+    from typer.testing import CliRunner
+    from pneumo_edge.cli import app
+
+    res = CliRunner().invoke(app, ["train", "--data", str(SHARED_TRAIN), "--max-images", "120",
+                                   "--epochs", "1", "--img-size", "64", "--batch-size", "16",
+                                   "--out", str(tmp_path / "run")])
+    assert res.exit_code == 0, res.output
+    rows = list(csv.DictReader(open(tmp_path / "run" / "split.csv")))
+    assert len(rows) == 120
+    assert not ({r["patient"] for r in rows if r["subset"] == "train"}
+                & {r["patient"] for r in rows if r["subset"] == "val"})
+    assert json.loads((tmp_path / "run" / "val_metrics.json").read_text())["threshold"] >= 0
