@@ -56,7 +56,7 @@ def _main(version: Annotated[bool, typer.Option("--version", callback=_version,
 def train(
     data: Annotated[Path, typer.Option(help="Folder with NORMAL/ and PNEUMONIA/ (maybe one level down).")],
     out: Annotated[Path, typer.Option(help="Run folder to write.")] = Path("runs/latest"),
-    epochs: Annotated[int, typer.Option(min=1)] = 30,
+    epochs: Annotated[Optional[int], typer.Option(min=1, help="Total epochs [default: 30; with --resume: the run's own].")] = None,
     batch_size: Annotated[int, typer.Option(min=1)] = 32,
     img_size: Annotated[int, typer.Option(min=16, help="Square input size in pixels.")] = 180,
     val_fraction: Annotated[float, typer.Option(min=0.01, max=0.9)] = 0.15,
@@ -96,6 +96,8 @@ def train(
             aug = AugmentConfig(**(aug.to_dict() | {"flip": False}))
         if not intensity:
             aug = AugmentConfig(**(aug.to_dict() | {"brightness": 0, "contrast": 0, "gamma": 0}))
+    if epochs is None and not resume:
+        epochs = 30
     cfg = TrainConfig(data=str(data), out=str(out), arch=arch, img_size=img_size, epochs=epochs,
                       batch_size=batch_size, lr=lr, weight_decay=weight_decay, dropout=dropout,
                       label_smoothing=label_smoothing, schedule=schedule, patience=patience,
@@ -138,6 +140,46 @@ def train(
                       "in their name and were split per file.")
     console.print("[dim]Validation carved from the training folder overestimates performance "
                   "on new sites; not a medical device.[/]")
+
+
+@app.command()
+def export(
+    source: Annotated[Path, typer.Argument(help="A run folder from `train`, or a .keras file.")],
+    fp16: Annotated[bool, typer.Option("--fp16", help="Also write an FP16 model (half size; for GPU and Arm).")] = False,
+    int8: Annotated[bool, typer.Option("--int8", help="Also write a static INT8 (QDQ) model (fast on CPUs).")] = False,
+    out: Annotated[Path, typer.Option(help="Output folder.")] = Path("exported"),
+    name: Annotated[Optional[str], typer.Option(help="File stem [default: the architecture]; files are NAME_fp32.onnx etc.")] = None,
+    opset: Annotated[int, typer.Option(min=13, max=21)] = 17,
+    calib: Annotated[Optional[Path], typer.Option(help="Images for INT8 calibration [default: the run's training split].")] = None,
+    calib_size: Annotated[int, typer.Option(min=1)] = 300,
+    calib_method: Annotated[str, typer.Option(help="minmax, entropy, percentile, or auto (best validation AUC).")] = "auto",
+    max_val: Annotated[Optional[int], typer.Option(min=1, help="Evaluate on at most N validation images.")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Overwrite existing files.")] = False,
+):
+    """Export a trained run to ONNX with preprocessing, threshold and parity in its metadata."""
+    try:
+        from training.export import ExportError, export_run
+    except ImportError as exc:
+        raise _fail(f"export needs the train extra (pip install 'pneumo-edge[train]'): {exc}")
+    try:
+        result = export_run(source, out, fp16=fp16, int8=int8, name=name, opset=opset,
+                            calib=calib, calib_size=calib_size, calib_method=calib_method,
+                            force=force, max_val=max_val,
+                            progress=lambda msg: err.print(f"[dim]{msg}[/]", highlight=False))
+    except ExportError as exc:
+        raise _fail(str(exc))
+    table = Table(title=f"exported (threshold {result.threshold:.4f}, {result.threshold_rule}; "
+                        f"{result.n_val} validation images)", title_justify="left")
+    for col in ("precision", "file", "MB", "max|Δp| vs Keras", "agree", "AUC", "sens", "spec"):
+        table.add_column(col)
+    for r in result.files:
+        m = r.val_metrics or {}
+        fmt = lambda v, spec: "n/a" if v is None else format(v, spec)
+        table.add_row(r.precision, str(r.path), f"{r.size_bytes / 1e6:.1f}",
+                      fmt(r.max_abs_diff, ".2e"), fmt(r.label_agreement, ".4f"),
+                      fmt(m.get("auc"), ".4f"), fmt(m.get("recall"), ".4f"),
+                      fmt(m.get("specificity"), ".4f"))
+    console.print(table)
 
 
 def _resolve_model(model: Optional[Path]) -> Path:

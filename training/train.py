@@ -175,7 +175,8 @@ def train(cfg: TrainConfig, *, resume: bool = False,
 
     Args:
         cfg: the configuration; with ``resume`` the run folder's saved
-            ``config.json`` is used instead (only ``epochs`` may be raised).
+            ``config.json`` is used instead, except ``epochs`` (the new total)
+            when it is set.
         resume: continue an interrupted run from its last completed epoch.
         on_epoch: called after each epoch with (epoch index, logs) for progress.
 
@@ -192,7 +193,8 @@ def train(cfg: TrainConfig, *, resume: bool = False,
             raise FileNotFoundError(f"{run_dir}: no config.json to resume from")
         epochs = cfg.epochs
         cfg = TrainConfig.from_dict(json.loads(saved.read_text()))
-        cfg.epochs = max(cfg.epochs, epochs)
+        if epochs:  # the new total; the cosine schedule is rebuilt for it
+            cfg.epochs = epochs
     run_dir.mkdir(parents=True, exist_ok=True)
     keras.utils.set_random_seed(cfg.seed)
 

@@ -1,0 +1,146 @@
+"""Export: a one-epoch tiny run to FP32/FP16/INT8, metadata, parity, runtime round trip."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+tf = pytest.importorskip("tensorflow")
+
+from typer.testing import CliRunner  # noqa: E402
+
+from pneumo_edge.cli import EXIT_OK, EXIT_USAGE, app  # noqa: E402
+from pneumo_edge.runtime import load_model, read_metadata  # noqa: E402
+from training.export import ExportError, export_run, inference_model  # noqa: E402
+from training.train import TrainConfig, train  # noqa: E402
+
+from synthetic import make_dataset  # noqa: E402
+
+pytestmark = pytest.mark.tf
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("exp")
+    data = make_dataset(root / "data", n_patients=12)
+    out = root / "run"
+    train(TrainConfig(data=str(data), out=str(out), arch="resnet_tiny", img_size=32, epochs=1,
+                      batch_size=8, val_fraction=0.25, seed=2))
+    return out
+
+
+@pytest.fixture(scope="module")
+def exported(run_dir, tmp_path_factory) -> tuple[Path, object]:
+    out = tmp_path_factory.mktemp("onnx")
+    result = export_run(run_dir, out, fp16=True, int8=True, calib_method="minmax", calib_size=24)
+    return out, result
+
+
+def test_three_files_with_metadata(exported, run_dir):
+    out, result = exported
+    val = json.loads((run_dir / "val_metrics.json").read_text())
+    assert [r.precision for r in result.files] == ["fp32", "fp16", "int8"]
+    for r in result.files:
+        assert r.path == out / f"resnet_tiny_{r.precision}.onnx" and r.path.is_file()
+        meta, inputs, outputs = read_metadata(r.path)
+        assert meta["schema"] == 1 and meta["input_size"] == [32, 32] and meta["channels"] == 3
+        assert meta["class_names"] == ["NORMAL", "PNEUMONIA"] and meta["precision"] == r.precision
+        assert meta["threshold"] == pytest.approx(val["threshold"])
+        assert meta["threshold_rule"] == val["threshold_rule"]
+        assert meta["arch"] == "resnet_tiny" and "patient-level split" in meta["trained_on"]
+        assert meta["val_metrics"]["n_labelled"] == val["n_val"]
+        assert meta["parity"]["n_images"] == val["n_val"]
+        assert inputs[0]["name"] == "image" and inputs[0]["shape"][1:] == [32, 32, 3]
+        assert inputs[0]["type"] == "tensor(float)"  # FP16/INT8 keep float32 I/O
+        assert r.size_bytes == r.path.stat().st_size
+    sizes = {r.precision: r.size_bytes for r in result.files}
+    assert sizes["fp16"] < 0.6 * sizes["fp32"] and sizes["int8"] < 0.6 * sizes["fp32"]
+
+
+def test_parity_numbers(exported, run_dir):
+    _, result = exported
+    by = {r.precision: r for r in result.files}
+    assert by["fp32"].max_abs_diff <= 1e-4
+    assert by["fp16"].max_abs_diff <= 1e-2
+    assert by["fp32"].label_agreement == 1.0
+    assert by["int8"].label_agreement >= 0.8
+    cal = read_metadata(by["int8"].path)[0]["calibration"]
+    assert cal["method"] == "minmax" and cal["n_images"] == 24 and cal["format"] == "QDQ"
+    # the stored validation metrics are reproduced by the runtime on the listed files
+    import csv
+    rows = [r for r in csv.DictReader(open(run_dir / "split.csv")) if r["subset"] == "val"]
+    model = load_model(by["fp32"].path, device="cpu")
+    from pneumo_edge.predict import predict_paths
+    run = predict_paths(model, [Path(r["path"]) for r in rows])
+    stored = by["fp32"].val_metrics
+    assert run.metrics.auc == pytest.approx(stored["auc"], abs=1e-6)
+    assert (run.metrics.tp, run.metrics.tn) == (stored["tp"], stored["tn"])
+
+
+def test_each_file_predicts_and_info_round_trips(exported, run_dir, tmp_path):
+    out, result = exported
+    data = Path(json.loads((run_dir / "config.json").read_text())["data"])
+    for r in result.files:
+        res = runner.invoke(app, ["predict", str(data), "--model", str(r.path), "--report",
+                                  "--out", str(tmp_path / r.precision), "-q"])
+        assert res.exit_code == EXIT_OK, res.output
+        rep = json.loads((tmp_path / r.precision / "report.json").read_text())
+        assert rep["model"]["precision"] == r.precision and rep["metrics"]["n_labelled"] == 48
+        info = runner.invoke(app, ["info", str(r.path)])
+        assert info.exit_code == EXIT_OK
+        assert re.search(rf"│ precision\s+│ {r.precision}\s", info.output)
+        assert "threshold_rule" in info.output and r.path.name in info.output
+
+
+def test_refuses_to_overwrite_without_force(exported, run_dir):
+    out, result = exported
+    before = {r.path: r.path.stat().st_mtime_ns for r in result.files}
+    with pytest.raises(ExportError, match="--force"):
+        export_run(run_dir, out)
+    assert {p: p.stat().st_mtime_ns for p in before} == before
+    res = runner.invoke(app, ["export", str(run_dir), "--out", str(out)])
+    assert res.exit_code == EXIT_USAGE and "--force" in res.output
+    res = runner.invoke(app, ["export", str(run_dir), "--out", str(out), "--force"])
+    assert res.exit_code == EXIT_OK, res.output
+    fp32 = out / "resnet_tiny_fp32.onnx"
+    assert fp32.stat().st_mtime_ns > before[fp32]
+    assert not list(out.glob(".*tmp"))  # atomic writes leave no temporaries
+
+
+def test_failed_parity_leaves_no_file(run_dir, tmp_path, monkeypatch):
+    import training.export as ex
+    monkeypatch.setitem(ex.PARITY_TOLERANCE, "fp32", -1.0)  # impossible to meet
+    with pytest.raises(ExportError, match="parity failed"):
+        export_run(run_dir, tmp_path / "none", fp16=True)
+    assert not (tmp_path / "none").exists() or not list((tmp_path / "none").iterdir())
+
+
+def test_augmentation_layers_are_stripped(tmp_path):
+    import keras
+
+    inp = keras.Input((24, 24, 3), name="image")
+    x = keras.layers.RandomFlip("horizontal")(inp)
+    x = keras.layers.RandomRotation(0.1)(x)
+    x = keras.layers.Rescaling(1 / 255.0)(x)
+    x = keras.layers.Conv2D(4, 3, activation="relu")(x)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    out = keras.layers.Dense(1, activation="sigmoid", name="pneumonia_prob")(x)
+    model = keras.Model(inp, out)
+    path = tmp_path / "aug.keras"
+    model.save(path)
+    clean, dropped = inference_model(path)
+    assert len(dropped) == 2
+    imgs = np.random.default_rng(0).uniform(0, 255, (4, 24, 24, 3)).astype(np.float32)
+    ref = model(imgs, training=False).numpy()
+    np.testing.assert_allclose(clean.predict(imgs, verbose=0), ref, atol=1e-6)
+    result = export_run(path, tmp_path / "out")
+    fp32 = result.files[0]
+    m = load_model(fp32.path, device="cpu")
+    np.testing.assert_allclose(m.run(imgs), ref.reshape(-1), atol=1e-4)
+    meta = read_metadata(fp32.path)[0]
+    assert meta["threshold_rule"] == "default_0.5_not_validated" and len(meta["stripped_layers"]) == 2
