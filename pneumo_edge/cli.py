@@ -321,6 +321,64 @@ def info(model: Annotated[Path, typer.Argument(help="An exported ONNX model.")])
     console.print(table)
 
 
+@app.command()
+def benchmark(
+    models: Annotated[Optional[list[Path]], typer.Option("--models", help="ONNX files (repeat the option) [default: the release model].")] = None,
+    data: Annotated[Optional[Path], typer.Option(help="Images (labelled folders give metrics).")] = None,
+    keras: Annotated[Optional[Path], typer.Option(help="Run folder or .keras file to time first (needs TensorFlow).")] = None,
+    batch_sizes: Annotated[str, typer.Option(help="Comma-separated batch sizes.")] = "1,8,32",
+    threads: Annotated[Optional[int], typer.Option(min=1)] = None,
+    device: Annotated[Device, typer.Option()] = Device.cpu,
+    seconds: Annotated[float, typer.Option(min=0.0, help="Minimum timing per batch size and model.")] = 1.0,
+    out: Annotated[Optional[Path], typer.Option(help="Write benchmark.json and benchmark.md here.")] = None,
+):
+    """One table of formats: size, accuracy, AUC, sensitivity, specificity, ms per image."""
+    import json as _json
+
+    from .benchmark import markdown_table, run_benchmark
+    from .report import atomic_write
+    from .runtime import ModelError
+
+    try:
+        sizes = [int(b) for b in batch_sizes.split(",") if b.strip()]
+        if not sizes or min(sizes) < 1:
+            raise ValueError
+    except ValueError:
+        raise _fail(f"--batch-sizes must be positive integers like 1,8,32, got {batch_sizes!r}")
+    paths = list(models) if models else [_resolve_model(None)]
+    if data is not None and not data.exists():
+        raise _fail(f"{data}: no such file or folder")
+    try:
+        result = run_benchmark(paths, data=data, keras_source=keras, batch_sizes=sizes,
+                               threads=threads, device=device.value, min_seconds=seconds,
+                               progress=lambda m: err.print(f"[dim]{m}[/]", highlight=False))
+    except ModelError as exc:
+        raise _fail(str(exc))
+    except ImportError as exc:
+        raise _fail(f"--keras needs TensorFlow (the train extra): {exc}")
+    m = result.machine
+    table = Table(title=f"{m['cpu']} | {m['physical_cores']} cores, {m['threads']} threads | "
+                        f"onnxruntime {m['onnxruntime']} ({m.get('provider')}) | "
+                        f"{result.n_images} images, {result.n_labelled} labelled",
+                  title_justify="left")
+    for col in ["model", "MB", "acc", "AUC", "sens", "spec"] + [f"p50/p95 ms b{b}" for b in sizes] + [
+            f"img/s b{sizes[-1]}", "speedup"]:
+        table.add_column(col, justify="right" if col != "model" else "left")
+    f = lambda v, s=".4f": "n/a" if v is None else format(v, s)
+    for r in result.rows:
+        mt = r.metrics or {}
+        lat = [f"{r.latency[str(b)]['p50_ms']:.2f}/{r.latency[str(b)]['p95_ms']:.2f}" for b in sizes]
+        table.add_row(f"{r.name} ({r.fmt} {r.precision})", f"{r.size_mb:.1f}", f(mt.get("accuracy")),
+                      f(mt.get("auc")), f(mt.get("recall")), f(mt.get("specificity")), *lat,
+                      f(r.latency[str(sizes[-1])]["images_per_second"], ".1f"),
+                      f(r.speedup_vs_first, ".2f") + "x")
+    console.print(table)
+    if out is not None:
+        atomic_write(out / "benchmark.json", _json.dumps(result.to_dict(), indent=2) + "\n")
+        atomic_write(out / "benchmark.md", markdown_table(result))
+        console.print(f"wrote {out / 'benchmark.json'} and {out / 'benchmark.md'}", highlight=False)
+
+
 def main() -> None:
     app()
 

@@ -110,11 +110,11 @@ def _svg_roc(run: PredictionRun, size: int = 300) -> str:
         f"<text x='{m + v * s:.0f}' y='{size - 14}' class='tick'>{v:g}</text>"
         f"<text x='{m - 8}' y='{m + (1 - v) * s - 22:.0f}' class='tick' text-anchor='end'>{v:g}</text>"
         for v in (0, 0.5, 1))
-    return (f"<svg width='{size}' height='{size}' role='img' aria-label='ROC curve'>"
+    return (f"<svg width='{size}' height='{size + 8}' role='img' aria-label='ROC curve'>"
             f"<rect x='{m}' y='{m - 26}' width='{s}' height='{s}' fill='#fafafa' stroke='#999'/>"
             f"<line x1='{m}' y1='{m + s - 26}' x2='{m + s}' y2='{m - 26}' stroke='#bbb' stroke-dasharray='4'/>"
             f"<polyline points='{pts}' fill='none' stroke='#1f77b4' stroke-width='2'/>{op}{ticks}"
-            f"<text x='{m + s / 2}' y='{size - 1}' text-anchor='middle' class='axis'>1 - specificity</text>"
+            f"<text x='{m + s / 2}' y='{size + 4}' text-anchor='middle' class='axis'>1 - specificity</text>"
             f"<text x='10' y='{m + s / 2 - 26}' text-anchor='middle' class='axis' "
             f"transform='rotate(-90 10 {m + s / 2 - 26})'>sensitivity</text></svg>")
 

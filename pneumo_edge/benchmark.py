@@ -1,0 +1,222 @@
+"""Side-by-side benchmark of model formats: size, clinical metrics, ms per image.
+
+One row per model (Keras first when given, then each ONNX file). Timings are
+medians over repeated runs after warm-up; the header records the machine so
+the numbers can be read in context. Compare ratios from one run, not absolute
+numbers across machines.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+from . import __version__
+from .images import collect_images, label_from_path
+from .metrics import binary_metrics
+from .preprocess import PreprocessConfig, load_image
+from .runtime import PneumoModel, load_model, physical_cores
+
+__all__ = ["BenchmarkRow", "BenchmarkResult", "machine_info", "run_benchmark", "time_runs"]
+
+
+@dataclass
+class BenchmarkRow:
+    name: str
+    fmt: str                      # "keras" or "onnx"
+    precision: str
+    size_mb: float
+    threshold: float | None
+    metrics: dict | None          # accuracy, auc, recall, specificity... on --data
+    latency: dict                 # batch size -> {"p50_ms", "p95_ms", "images_per_second", "runs"}
+    speedup_vs_first: float | None = None
+    provider: str | None = None
+
+
+@dataclass
+class BenchmarkResult:
+    machine: dict
+    n_images: int
+    n_labelled: int
+    batch_sizes: list[int]
+    rows: list[BenchmarkRow] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {"machine": self.machine, "n_images": self.n_images, "n_labelled": self.n_labelled,
+                "batch_sizes": self.batch_sizes, "rows": [asdict(r) for r in self.rows]}
+
+
+def machine_info(threads: int | None = None) -> dict:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    flags = ""
+    try:
+        flags = Path("/proc/cpuinfo").read_text().split("flags", 1)[1].split("\n", 1)[0]
+    except (OSError, IndexError):
+        pass
+    import onnxruntime as ort
+    return {"cpu": cpu, "logical_cores": os.cpu_count(), "physical_cores": physical_cores(),
+            "threads": threads or physical_cores(), "vnni": "avx512_vnni" in flags or "avx_vnni" in flags,
+            "onnxruntime": ort.__version__, "python": platform.python_version(),
+            "system": f"{platform.system()} {platform.machine()}", "pneumo_edge": __version__}
+
+
+def time_runs(fn: Callable[[], object], batch: int, min_seconds: float = 1.0,
+              min_runs: int = 10, max_runs: int = 500, warmup: int = 3) -> dict:
+    """Median and p95 of per-image milliseconds of ``fn`` (one batch per call)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    start = time.perf_counter()
+    while len(times) < max_runs and (len(times) < min_runs
+                                     or time.perf_counter() - start < min_seconds):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1000.0)
+    t = np.asarray(times) / batch
+    p50 = float(np.percentile(t, 50))
+    return {"p50_ms": p50, "p95_ms": float(np.percentile(t, 95)),
+            "images_per_second": 1000.0 / p50 if p50 > 0 else None, "runs": len(times)}
+
+
+def _load_inputs(files: Sequence[Path], cfg: PreprocessConfig, cache: dict) -> np.ndarray:
+    if cfg not in cache:
+        good = []
+        for f in files:
+            try:
+                good.append(load_image(f, cfg))
+            except ValueError:
+                continue
+        cache[cfg] = np.stack(good) if good else np.zeros((0, cfg.height, cfg.width, cfg.channels),
+                                                          np.float32)
+    return cache[cfg]
+
+
+def _batch_of(x: np.ndarray, b: int, cfg: PreprocessConfig) -> np.ndarray:
+    if len(x) == 0:
+        return np.random.default_rng(0).uniform(0, 255, (b, cfg.height, cfg.width, cfg.channels)
+                                                ).astype(np.float32)
+    reps = int(np.ceil(b / len(x)))
+    return np.ascontiguousarray(np.concatenate([x] * reps)[:b])
+
+
+def _score(predict: Callable[[np.ndarray], np.ndarray], x: np.ndarray, labels: np.ndarray,
+           mask: np.ndarray, threshold: float | None) -> dict | None:
+    if not mask.any() or threshold is None:
+        return None
+    probs = np.concatenate([predict(x[i:i + 32]) for i in range(0, len(x), 32)])
+    return binary_metrics(labels[mask], probs[mask], threshold).to_dict()
+
+
+def run_benchmark(models: Sequence[str | os.PathLike], *, data: str | os.PathLike | None = None,
+                  keras_source: str | os.PathLike | None = None,
+                  batch_sizes: Sequence[int] = (1, 8, 32), threads: int | None = None,
+                  device: str = "cpu", min_seconds: float = 1.0,
+                  progress: Callable[[str], None] | None = None) -> BenchmarkResult:
+    """Benchmark ONNX models (and optionally the Keras source) on the same images.
+
+    Raises:
+        ModelError: a model cannot be loaded. ImportError: ``keras_source`` without TensorFlow.
+    """
+    say = progress or (lambda m: None)
+    files = collect_images([data]) if data else []
+    labels_txt = [label_from_path(f) for f in files]
+    cache: dict = {}
+    result = BenchmarkResult(machine_info(threads), 0, 0, list(batch_sizes))
+    loaded: list[PneumoModel] = [load_model(m, device=device, threads=threads) for m in models]
+    result.machine["provider"] = loaded[0].provider if loaded else None
+
+    def finish(row: BenchmarkRow, predict, x, cfg):
+        for b in batch_sizes:
+            xb = _batch_of(x, b, cfg)
+            row.latency[str(b)] = time_runs(lambda: predict(xb), b, min_seconds=min_seconds)
+            say(f"  {row.name} batch {b}: p50 {row.latency[str(b)]['p50_ms']:.2f} ms/image")
+        result.rows.append(row)
+
+    if keras_source is not None:
+        say(f"Keras: {keras_source}")
+        row, predict, x, cfg = _keras_row(Path(keras_source), files, labels_txt, cache)
+        finish(row, predict, x, cfg)
+    for m in loaded:
+        say(f"ONNX: {m.path}")
+        cfg = m.preprocess
+        x = _load_inputs(files, cfg, cache)
+        labels = np.array([t == "PNEUMONIA" for t in labels_txt], bool)
+        mask = np.array([t is not None for t in labels_txt], bool)
+        if len(x) != len(files):  # undecodable files: score only what decoded
+            labels = mask = np.zeros(len(x), bool)
+        row = BenchmarkRow(m.path.name, "onnx", m.precision, m.path.stat().st_size / 1e6,
+                           m.threshold, _score(m.run, x, labels, mask, m.threshold), {},
+                           provider=m.provider)
+        finish(row, m.run, x, cfg)
+
+    result.n_images = len(files)
+    result.n_labelled = sum(t is not None for t in labels_txt)
+    if result.rows:
+        key = str(batch_sizes[0])
+        first = result.rows[0].latency[key]["p50_ms"]
+        for r in result.rows:
+            r.speedup_vs_first = first / r.latency[key]["p50_ms"]
+    return result
+
+
+def _keras_row(source: Path, files, labels_txt, cache):
+    """The Keras model as trained (TensorFlow needed): a run folder or a .keras file."""
+    import json
+
+    from training.export import inference_model  # TensorFlow: only when asked for
+
+    keras_path = source / "best.keras" if source.is_dir() else source
+    model, _ = inference_model(keras_path)
+    threshold = None
+    if source.is_dir() and (source / "val_metrics.json").exists():
+        threshold = float(json.loads((source / "val_metrics.json").read_text())["threshold"])
+    shape = model.inputs[0].shape
+    cfg = PreprocessConfig(int(shape[1]), int(shape[2]), int(shape[3]))
+    x = _load_inputs(files, cfg, cache)
+    predict = lambda b: np.asarray(model.predict_on_batch(b)).reshape(-1)
+    labels = np.array([t == "PNEUMONIA" for t in labels_txt], bool)
+    mask = np.array([t is not None for t in labels_txt], bool)
+    if len(x) != len(files):
+        labels = mask = np.zeros(len(x), bool)
+    row = BenchmarkRow(keras_path.name, "keras", "fp32", keras_path.stat().st_size / 1e6,
+                       threshold, _score(predict, x, labels, mask, threshold), {})
+    return row, predict, x, cfg
+
+
+def markdown_table(result: BenchmarkResult) -> str:
+    m = result.machine
+    lines = [f"Machine: {m['cpu']}, {m['physical_cores']} physical / {m['logical_cores']} logical "
+             f"cores, {m['threads']} threads, VNNI {'yes' if m['vnni'] else 'no'}, "
+             f"onnxruntime {m['onnxruntime']} ({m.get('provider')}), Python {m['python']}.",
+             f"Images: {result.n_images} ({result.n_labelled} labelled).", ""]
+    bs = result.batch_sizes
+    head = ["model", "format", "MB", "accuracy", "AUC", "sens", "spec"]
+    head += [f"p50 ms b{b}" for b in bs] + [f"p95 ms b{b}" for b in bs]
+    head += [f"img/s b{bs[-1]}", f"speedup b{bs[0]}"]
+    lines.append("| " + " | ".join(head) + " |")
+    lines.append("|" + "---|" * len(head))
+    f = lambda v, s=".4f": "n/a" if v is None else format(v, s)
+    for r in result.rows:
+        mt = r.metrics or {}
+        cells = [r.name, f"{r.fmt} {r.precision}", f"{r.size_mb:.1f}", f(mt.get("accuracy")),
+                 f(mt.get("auc")), f(mt.get("recall")), f(mt.get("specificity"))]
+        cells += [f(r.latency[str(b)]["p50_ms"], ".2f") for b in bs]
+        cells += [f(r.latency[str(b)]["p95_ms"], ".2f") for b in bs]
+        cells += [f(r.latency[str(bs[-1])]["images_per_second"], ".1f"),
+                  f(r.speedup_vs_first, ".2f") + "x"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
