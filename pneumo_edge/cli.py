@@ -155,6 +155,7 @@ def export(
     calib_method: Annotated[str, typer.Option(help="minmax, entropy, percentile, or auto (best validation AUC).")] = "auto",
     max_val: Annotated[Optional[int], typer.Option(min=1, help="Evaluate on at most N validation images.")] = None,
     force: Annotated[bool, typer.Option("--force", help="Overwrite existing files.")] = False,
+    set_default: Annotated[bool, typer.Option("--set-default", help="Make this export predict's default (OUT/default.txt): INT8 if its val AUC is within 0.005 of FP32, else FP32.")] = False,
 ):
     """Export a trained run to ONNX with preprocessing, threshold and parity in its metadata."""
     try:
@@ -164,7 +165,7 @@ def export(
     try:
         result = export_run(source, out, fp16=fp16, int8=int8, name=name, opset=opset,
                             calib=calib, calib_size=calib_size, calib_method=calib_method,
-                            force=force, max_val=max_val,
+                            force=force, max_val=max_val, set_default=set_default,
                             progress=lambda msg: err.print(f"[dim]{msg}[/]", highlight=False))
     except ExportError as exc:
         raise _fail(str(exc))
@@ -180,6 +181,9 @@ def export(
                       fmt(m.get("auc"), ".4f"), fmt(m.get("recall"), ".4f"),
                       fmt(m.get("specificity"), ".4f"))
     console.print(table)
+    if set_default:
+        default = (out / "default.txt").read_text().strip()
+        console.print(f"predict's default model: {out / default}", highlight=False)
 
 
 def _resolve_model(model: Optional[Path]) -> Path:

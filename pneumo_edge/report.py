@@ -30,6 +30,10 @@ DISCLAIMER = ("pneumo-edge is a research and engineering tool, not a medical dev
               "output is not a diagnosis and must not be used for clinical decisions.")
 
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
 def atomic_write(path: str | os.PathLike, data: str | bytes) -> None:
     """Write ``data`` to ``path`` via a temporary file in the same folder and a rename."""
     path = Path(path)
@@ -40,6 +44,7 @@ def atomic_write(path: str | os.PathLike, data: str | bytes) -> None:
             fh.write(data.encode("utf-8") if isinstance(data, str) else data)
             fh.flush()
             os.fsync(fh.fileno())
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the usual mode
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -97,6 +97,17 @@ def test_each_file_predicts_and_info_round_trips(exported, run_dir, tmp_path):
         assert "threshold_rule" in info.output and r.path.name in info.output
 
 
+def test_choose_default_rule(exported):
+    from training.export import PrecisionResult, choose_default
+
+    def pr(precision, auc):
+        return PrecisionResult(precision, Path(f"m_{precision}.onnx"), 1, 0.0, 1.0, {"auc": auc})
+
+    assert choose_default([pr("fp32", 0.980), pr("int8", 0.9751)]).precision == "int8"
+    assert choose_default([pr("fp32", 0.980), pr("int8", 0.9749)]).precision == "fp32"
+    assert choose_default([pr("fp32", 0.980)]).precision == "fp32"
+
+
 def test_refuses_to_overwrite_without_force(exported, run_dir):
     out, result = exported
     before = {r.path: r.path.stat().st_mtime_ns for r in result.files}
@@ -105,8 +116,10 @@ def test_refuses_to_overwrite_without_force(exported, run_dir):
     assert {p: p.stat().st_mtime_ns for p in before} == before
     res = runner.invoke(app, ["export", str(run_dir), "--out", str(out)])
     assert res.exit_code == EXIT_USAGE and "--force" in res.output
-    res = runner.invoke(app, ["export", str(run_dir), "--out", str(out), "--force"])
+    res = runner.invoke(app, ["export", str(run_dir), "--out", str(out), "--force",
+                              "--set-default"])
     assert res.exit_code == EXIT_OK, res.output
+    assert (out / "default.txt").read_text().strip() == "resnet_tiny_fp32.onnx"
     fp32 = out / "resnet_tiny_fp32.onnx"
     assert fp32.stat().st_mtime_ns > before[fp32]
     assert not list(out.glob(".*tmp"))  # atomic writes leave no temporaries
@@ -118,6 +131,13 @@ def test_failed_parity_leaves_no_file(run_dir, tmp_path, monkeypatch):
     with pytest.raises(ExportError, match="parity failed"):
         export_run(run_dir, tmp_path / "none", fp16=True)
     assert not (tmp_path / "none").exists() or not list((tmp_path / "none").iterdir())
+
+
+def _umask() -> int:
+    import os
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def test_augmentation_layers_are_stripped(tmp_path):
@@ -144,3 +164,5 @@ def test_augmentation_layers_are_stripped(tmp_path):
     np.testing.assert_allclose(m.run(imgs), ref.reshape(-1), atol=1e-4)
     meta = read_metadata(fp32.path)[0]
     assert meta["threshold_rule"] == "default_0.5_not_validated" and len(meta["stripped_layers"]) == 2
+    assert meta["parity"]["images"] == "random" and meta["parity"]["max_abs_diff"] <= 1e-4
+    assert fp32.path.stat().st_mode & 0o777 == 0o666 & ~_umask()
