@@ -161,7 +161,7 @@ def physical_cores() -> int:
 
 
 def load_model(path: str | os.PathLike, device: str = "auto", threads: int | None = None,
-               warmup: int = 1) -> PneumoModel:
+               warmup: int = 1, spin: bool = False) -> PneumoModel:
     """Open an exported model and its metadata on the chosen device.
 
     Args:
@@ -169,6 +169,8 @@ def load_model(path: str | os.PathLike, device: str = "auto", threads: int | Non
         device: ``auto`` (CUDA only if it really loads, else CPU), ``cpu`` or ``cuda``.
         threads: intra-op threads; default the machine's physical cores.
         warmup: dummy runs before returning, so the first real image is not slow.
+        spin: let idle worker threads busy-wait (lower latency for back-to-back runs,
+            but they compete with decoding threads).
 
     Raises:
         ModelError: missing file, not ONNX, no metadata, or ``cuda`` unavailable.
@@ -184,6 +186,9 @@ def load_model(path: str | os.PathLike, device: str = "auto", threads: int | Non
     so.intra_op_num_threads = threads or physical_cores()
     so.inter_op_num_threads = 1
     so.log_severity_level = 3
+    # Idle onnxruntime threads spin by default, stealing the cores that decode the
+    # next images; without spinning the predict pipeline ran ~5 % faster here.
+    so.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
     providers = _providers_for(device)
     session = _open_session(path, so, providers)
     in_use = session.get_providers()[0]
