@@ -182,3 +182,25 @@ def test_real_xrays_mixed_with_broken_files(tiny_model, tmp_path):
     report = json.loads((out / "report.json").read_text())
     assert len(report["predictions"]) == 20 and report["n_failed"] == len(expected)
     assert report["metrics"]["n_labelled"] == 20
+
+
+def test_auto_device_is_quiet_and_reports_its_provider(tiny_model, labelled_folder, tmp_path):
+    # onnxruntime logs from C++ straight to fd 2, so run a real process to see it
+    proc = subprocess.run([sys.executable, "-m", "pneumo_edge.cli", "predict",
+                           str(labelled_folder), "--model", str(tiny_model), "-q",
+                           "--device", "auto", "--report", "--out", str(tmp_path / "o")],
+                          capture_output=True, text=True)
+    assert proc.returncode == EXIT_OK, proc.stderr
+    assert "onnxruntime:" not in proc.stderr and "Failed to create" not in proc.stderr
+    provider = json.loads((tmp_path / "o" / "report.json").read_text())["model"]["provider"]
+    assert provider in ("cpu", "cuda")
+
+
+def test_cuda_device_loads_or_fails_clearly(tiny_model, labelled_folder):
+    res = runner.invoke(app, ["predict", str(labelled_folder), "--model", str(tiny_model), "-q",
+                              "--device", "cuda"])
+    if res.exit_code == EXIT_OK:  # a machine with a working CUDA provider
+        assert "cuda" in res.output
+    else:
+        assert res.exit_code == EXIT_USAGE
+        assert "--device cuda" in res.output and "use --device auto or cpu" in res.output
