@@ -166,3 +166,18 @@ def test_augmentation_layers_are_stripped(tmp_path):
     assert meta["threshold_rule"] == "default_0.5_not_validated" and len(meta["stripped_layers"]) == 2
     assert meta["parity"]["images"] == "random" and meta["parity"]["max_abs_diff"] <= 1e-4
     assert fp32.path.stat().st_mode & 0o777 == 0o666 & ~_umask()
+
+
+def test_benchmark_keras_row_first(exported, run_dir, tmp_path):
+    out, result = exported
+    data = json.loads((run_dir / "config.json").read_text())["data"]
+    res = runner.invoke(app, ["benchmark", "--keras", str(run_dir), "--models",
+                              str(result.files[0].path), "--data", data, "--batch-sizes", "1,4",
+                              "--seconds", "0", "--out", str(tmp_path)])
+    assert res.exit_code == EXIT_OK, res.output
+    rows = json.loads((tmp_path / "benchmark.json").read_text())["rows"]
+    assert [r["fmt"] for r in rows] == ["keras", "onnx"]
+    assert rows[0]["speedup_vs_first"] == pytest.approx(1.0)
+    # same model, same images, same threshold: the same clinical numbers
+    assert rows[1]["metrics"]["auc"] == pytest.approx(rows[0]["metrics"]["auc"], abs=1e-4)
+    assert rows[1]["metrics"]["tp"] == rows[0]["metrics"]["tp"]
