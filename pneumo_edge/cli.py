@@ -109,7 +109,8 @@ def train(
         console.print(
             f"epoch {epoch + 1:>3}  loss {logs.get('loss', float('nan')):.4f}  "
             f"auc {logs.get('auc', float('nan')):.4f}  val_loss {logs.get('val_loss', float('nan')):.4f}  "
-            f"val_auc {logs.get('val_auc', float('nan')):.4f}  lr {logs.get('learning_rate', 0):.2e}",
+            f"val_auc {logs.get('val_auc', float('nan')):.4f}  lr {logs.get('learning_rate', 0):.2e}  "
+            f"{logs.get('epoch_seconds', 0):.0f} s",
             highlight=False)
 
     try:

@@ -135,6 +135,7 @@ def test_one_epoch_run_folder(data_dir, tmp_path):
     cfg = json.loads((run / "config.json").read_text())
     assert cfg["arch"] == "resnet_tiny" and cfg["img_size"] == 32
     assert len(seen) == 1 and "val_auc" in seen[0] and "learning_rate" in seen[0]
+    assert seen[0]["epoch_seconds"] > 0
 
 
 def test_target_sensitivity_rule(data_dir, tmp_path):

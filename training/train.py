@@ -245,11 +245,15 @@ def train(cfg: TrainConfig, *, resume: bool = False,
     if not resume and history_csv.exists():
         history_csv.unlink()
 
-    class _LogLearningRate(keras.callbacks.Callback):
+    class _LogEpoch(keras.callbacks.Callback):
+        def on_epoch_begin(self, epoch, logs=None):
+            self._t0 = time.perf_counter()
+
         def on_epoch_end(self, epoch, logs=None):
-            if logs is not None:  # in place, so that CSVLogger (next) records it
+            if logs is not None:  # in place, so that CSVLogger (next) records them
                 logs["learning_rate"] = float(keras.ops.convert_to_numpy(
                     self.model.optimizer.learning_rate))
+                logs["epoch_seconds"] = round(time.perf_counter() - self._t0, 2)
 
     class _Report(keras.callbacks.Callback):
         # last in the list: by the time it runs, the epoch is checkpointed and logged,
@@ -265,7 +269,7 @@ def train(cfg: TrainConfig, *, resume: bool = False,
                                         initial_value_threshold=best_so_far),
         keras.callbacks.EarlyStopping(monitor="val_auc", mode="max", patience=cfg.patience,
                                       restore_best_weights=False),
-        _LogLearningRate(),
+        _LogEpoch(),
         keras.callbacks.CSVLogger(str(history_csv), append=resume),
         _Report(),
     ]
