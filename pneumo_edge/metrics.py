@@ -108,11 +108,15 @@ def choose_threshold(y_true: Sequence[int], scores: Sequence[float],
                      target_sensitivity: float | None = None) -> tuple[float, str]:
     """Pick the decision threshold on validation scores.
 
-    Default rule: maximise Youden's J (sensitivity + specificity - 1). Many
-    thresholds share the best J (any value between two neighbouring scores);
-    the midpoint of that gap is returned, so the rule does not sit on one
-    validation image. With ``target_sensitivity`` S: the highest threshold whose
-    sensitivity is at least S (again the midpoint below the deciding score).
+    Default rule, ``youden_plateau``: Youden's J (sensitivity + specificity - 1)
+    is nearly flat over a wide range of thresholds when validation AUC is high,
+    and its exact maximum is decided by one or two validation images. So every
+    ROC point whose J is within one image of the best (1 / size of the smaller
+    class) is a candidate, and the threshold is the middle of the candidates'
+    range of scores: the centre of the plateau, not its first edge.
+
+    With ``target_sensitivity`` S: the highest threshold whose sensitivity is at
+    least S, placed midway to the next lower score so it does not sit on an image.
 
     Returns:
         (threshold, rule) where rule describes how it was chosen.
@@ -123,8 +127,13 @@ def choose_threshold(y_true: Sequence[int], scores: Sequence[float],
         raise ValueError("threshold selection needs both classes in the validation set")
     fpr, tpr, thr = roc_curve(y, s)
     if target_sensitivity is None:
-        idx = int(np.argmax(tpr - fpr))
-        rule = "youden_j_midpoint"
+        j = tpr - fpr
+        tolerance = 1.0 / min(int(y.sum()), int((~y).sum()))
+        candidates = thr[(j >= j.max() - tolerance - 1e-12) & np.isfinite(thr)]
+        if candidates.size:
+            return float((candidates.min() + candidates.max()) / 2.0), "youden_plateau"
+        idx = int(np.argmax(j))
+        rule = "youden_plateau"
     else:
         if not 0.0 < target_sensitivity <= 1.0:
             raise ValueError("target sensitivity must be in (0, 1]")

@@ -62,6 +62,18 @@ def test_three_files_with_metadata(exported, run_dir):
     assert sizes["fp16"] < 0.6 * sizes["fp32"] and sizes["int8"] < 0.6 * sizes["fp32"]
 
 
+def test_val_split_lists_the_evaluated_files(exported, run_dir):
+    import csv
+    out, result = exported
+    rows = list(csv.DictReader(open(out / "val_split.csv")))
+    split = [r for r in csv.DictReader(open(run_dir / "split.csv")) if r["subset"] == "val"]
+    assert [r["label"] for r in rows] == [r["label"] for r in split]
+    assert [r["patient"] for r in rows] == [r["patient"] for r in split]
+    data = Path(json.loads((run_dir / "config.json").read_text())["data"])
+    assert [str(data / r["path"]) for r in rows] == [r["path"] for r in split]
+    assert len(rows) == result.files[0].val_metrics["n_labelled"]
+
+
 def test_parity_numbers(exported, run_dir):
     _, result = exported
     by = {r.precision: r for r in result.files}

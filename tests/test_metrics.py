@@ -52,12 +52,28 @@ def test_auc_undefined_for_one_class():
     assert binary_metrics([0, 0], [0.2, 0.9], 0.5).auc is None
 
 
-def test_youden_threshold_is_midpoint_of_best_gap():
+def test_youden_plateau_takes_the_centre_of_near_best_thresholds():
+    # separable: J = 1 at 0.6; within one image (1/3) of it: thresholds 0.3 .. 0.7
     y = [0, 0, 0, 1, 1, 1]
     s = [0.1, 0.2, 0.3, 0.6, 0.7, 0.8]
     thr, rule = choose_threshold(y, s)
-    assert thr == pytest.approx(0.45)
-    assert rule == "youden_j_midpoint"
+    assert thr == pytest.approx(0.5)
+    assert rule == "youden_plateau"
+
+
+def test_youden_plateau_ignores_far_worse_thresholds():
+    # J by threshold: 0.9->.25, 0.7->.5, 0.65->.25, 0.5->.5, 0.4->.75 (best), 0.3->.5,
+    # 0.2->.25. Within one image (1/4) of the best: 0.3, 0.4, 0.5, 0.7 -> centre 0.5
+    y = [0, 0, 0, 0, 1, 1, 1, 1]
+    s = [0.1, 0.2, 0.3, 0.65, 0.4, 0.5, 0.7, 0.9]
+    thr, _ = choose_threshold(y, s)
+    assert thr == pytest.approx(0.5)
+    # with 40 images a class the tolerance shrinks to 1/40 and the best point wins
+    y40 = [0] * 40 + [1] * 40
+    s40 = [i / 100 for i in range(40)] + [0.395] + [0.5 + i / 100 for i in range(39)]
+    thr40, _ = choose_threshold(y40, s40)
+    m = binary_metrics(y40, s40, thr40)
+    assert thr40 == pytest.approx(0.445) and (m.fp, m.fn) == (0, 1)
 
 
 def test_target_sensitivity_picks_highest_threshold_reaching_it():

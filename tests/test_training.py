@@ -40,6 +40,7 @@ def tiny_cfg(data: Path, out: Path, **kw) -> TrainConfig:
 
 @pytest.mark.parametrize("name, patient", [
     ("person12_bacteria_45.jpeg", "person12"), ("person7_virus_3.jpeg", "person7"),
+    ("person447_virus_921_1.jpeg", "person447"),
     ("IM-0115-0001.jpeg", "IM-0115"), ("NORMAL2-IM-0456-0001-0002.jpeg", "NORMAL2-IM-0456"),
     ("scan.jpeg", None),
 ])
@@ -129,7 +130,7 @@ def test_one_epoch_run_folder(data_dir, tmp_path):
     val_p = {r["patient"] for r in rows if r["subset"] == "val"}
     assert train_p and val_p and not train_p & val_p
     val = json.loads((run / "val_metrics.json").read_text())
-    assert 0.0 <= val["threshold"] <= 1.0 and val["threshold_rule"] == "youden_j_midpoint"
+    assert 0.0 <= val["threshold"] <= 1.0 and val["threshold_rule"] == "youden_plateau"
     assert val["metrics"]["n_labelled"] == len(val_p) * 2 == result.n_val
     assert set(val["metrics"]) >= {"auc", "recall", "specificity", "accuracy"}
     cfg = json.loads((run / "config.json").read_text())
@@ -161,6 +162,21 @@ def test_interrupted_run_resumes(data_dir, tmp_path):
     with open(out / "history.csv") as fh:
         assert [int(r["epoch"]) for r in csv.DictReader(fh)] == [0, 1]
     assert (out / "val_metrics.json").is_file() and not (out / "backup").exists()
+
+
+def test_resume_of_finished_run_only_re_evaluates(data_dir, tmp_path):
+    out = tmp_path / "run"
+    train(tiny_cfg(data_dir, out))
+    first = json.loads((out / "val_metrics.json").read_text())
+    best_mtime = (out / "best.keras").stat().st_mtime_ns
+    epochs = []
+    cfg = tiny_cfg(data_dir, out, target_sensitivity=1.0)
+    train(cfg, resume=True, on_epoch=lambda e, l: epochs.append(e))
+    again = json.loads((out / "val_metrics.json").read_text())
+    assert epochs == [] and (out / "best.keras").stat().st_mtime_ns == best_mtime
+    assert again["threshold_rule"].startswith("sensitivity>=1") and again["metrics"]["recall"] == 1.0
+    assert again["metrics"]["auc"] == pytest.approx(first["metrics"]["auc"])
+    assert again["train_seconds"] == pytest.approx(first["train_seconds"], abs=0.1)
 
 
 def test_mirrored_strategy_on_two_logical_cpus(data_dir, tmp_path):

@@ -14,7 +14,8 @@ from pneumo_edge.preprocess import PreprocessConfig, load_gray
 
 CLASS_NAMES = ("NORMAL", "PNEUMONIA")
 
-_PNEUMONIA_PATIENT = re.compile(r"^(person\d+)_(?:bacteria|virus)_\d+$", re.IGNORECASE)
+# a few files carry an extra counter (person447_virus_921_1): same patient
+_PNEUMONIA_PATIENT = re.compile(r"^(person\d+)_(?:bacteria|virus)(?:_\d+)+$", re.IGNORECASE)
 _NORMAL_PATIENT = re.compile(r"^((?:NORMAL2-)?IM-\d+)(?:-\d+)+$", re.IGNORECASE)
 
 

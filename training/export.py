@@ -65,6 +65,7 @@ class _Source:
     threshold: float
     threshold_rule: str
     val_paths: list[str]
+    val_patients: list[str]
     val_labels: np.ndarray
     train_paths: list[str]
     trained_on: str
@@ -87,10 +88,11 @@ def _load_source(source: Path) -> _Source:
             f"(seed {config.get('seed', '?')}): {n_tr} train / {n_va} validation "
             f"({len({s.patient for s in val_s})} validation patients)")
         return _Source(keras_path, config, float(val["threshold"]), str(val["threshold_rule"]),
-                       [s.path for s in val_s], np.array([s.label for s in val_s]),
+                       [s.path for s in val_s], [s.patient for s in val_s],
+                       np.array([s.label for s in val_s]),
                        [s.path for s in train_s], trained_on)
     if source.is_file() and source.suffix == ".keras":
-        return _Source(source, {}, 0.5, "default_0.5_not_validated", [], np.array([]), [],
+        return _Source(source, {}, 0.5, "default_0.5_not_validated", [], [], np.array([]), [],
                        "unknown (exported from a bare .keras file)")
     raise ExportError(f"{source}: expected a run folder or a .keras file")
 
@@ -144,7 +146,9 @@ def _to_fp16(proto):
 class _CalibReader:
     """onnxruntime CalibrationDataReader over image files, via the runtime preprocessing."""
 
-    def __init__(self, paths: list[str], cfg: PreprocessConfig, input_name: str, batch: int = 16):
+    # One image per batch: the histogram calibrators (Entropy, Percentile) of
+    # onnxruntime 1.31 fail on a last batch of a different size.
+    def __init__(self, paths: list[str], cfg: PreprocessConfig, input_name: str, batch: int = 1):
         self.paths, self.cfg, self.input_name, self.batch = paths, cfg, input_name, batch
         self.rewind()
 
@@ -288,12 +292,12 @@ def export_run(source: str | os.PathLike, out_dir: str | os.PathLike = "exported
         raise ExportError(f"unknown calibration method {calib_method!r}")
 
     rng = np.random.default_rng(0)
-    val_paths = list(src.val_paths)
-    val_labels = src.val_labels
-    if max_val and len(val_paths) > max_val:
-        idx = np.sort(rng.permutation(len(val_paths))[:max_val])
-        val_paths, val_labels = [val_paths[i] for i in idx], val_labels[idx]
-    src.val_labels = val_labels
+    idx = np.arange(len(src.val_paths))
+    if max_val and len(idx) > max_val:
+        idx = np.sort(rng.permutation(len(idx))[:max_val])
+    val_paths = [src.val_paths[i] for i in idx]
+    val_patients = [src.val_patients[i] for i in idx]
+    val_labels = src.val_labels[idx] if len(src.val_labels) else src.val_labels
     say(f"validation images: {len(val_paths)}")
     if val_paths:
         val_x = np.stack([load_image(p, cfg) for p in val_paths])
@@ -364,11 +368,32 @@ def export_run(source: str | os.PathLike, out_dir: str | os.PathLike = "exported
         atomic_write(r.path, payloads[r.precision])
     if set_default:
         atomic_write(out_dir / "default.txt", choose_default(results).path.name + "\n")
+    if val_paths:
+        write_val_split(Path(src.config.get("data", ".")), val_paths, val_patients, val_labels,
+                        out_dir / "val_split.csv")
     return ExportResult(results, src.threshold, src.threshold_rule, int(val_labels.size),
                         time.perf_counter() - t0)
 
 
 INT8_MAX_AUC_LOSS = 0.005
+
+
+def write_val_split(data: Path, paths: list[str], patients: list[str], labels: np.ndarray,
+                    out: Path) -> None:
+    """The validation files behind the metadata's numbers, relative to the data folder.
+
+    With the data at hand, ``pneumo-edge predict`` over these files reproduces
+    ``val_metrics`` (see tests/test_release.py).
+    """
+    import csv
+    import io
+
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["path", "patient", "label"])
+    for p, patient, label in zip(paths, patients, labels):
+        w.writerow([Path(os.path.relpath(p, data)).as_posix(), patient, CLASS_NAMES[int(label)]])
+    atomic_write(out, buf.getvalue())
 
 
 def choose_default(results: list[PrecisionResult]) -> PrecisionResult:

@@ -169,63 +169,16 @@ def _best_val_auc(history_csv: Path) -> float | None:
     return max(vals) if vals else None
 
 
-def train(cfg: TrainConfig, *, resume: bool = False,
-          on_epoch: Callable[[int, dict], None] | None = None) -> TrainResult:
-    """Train a model as ``cfg`` says and fill the run folder.
-
-    Args:
-        cfg: the configuration; with ``resume`` the run folder's saved
-            ``config.json`` is used instead, except ``epochs`` (the new total)
-            when it is set.
-        resume: continue an interrupted run from its last completed epoch.
-        on_epoch: called after each epoch with (epoch index, logs) for progress.
-
-    Raises:
-        DataError: unusable data folder. TrainInterrupted: Ctrl-C (resumable).
-    """
+def _fit(cfg: TrainConfig, run_dir: Path, strategy, train_s, val_ds, history_csv: Path,
+         resume: bool, on_epoch) -> float:
+    """Build, compile and fit the model with its callbacks; returns the seconds spent."""
     import keras
-    import tensorflow as tf
-
-    run_dir = Path(cfg.out)
-    if resume:
-        saved = run_dir / "config.json"
-        if not saved.exists():
-            raise FileNotFoundError(f"{run_dir}: no config.json to resume from")
-        epochs = cfg.epochs
-        cfg = TrainConfig.from_dict(json.loads(saved.read_text()))
-        if epochs:  # the new total; the cosine schedule is rebuilt for it
-            cfg.epochs = epochs
-    run_dir.mkdir(parents=True, exist_ok=True)
-    keras.utils.set_random_seed(cfg.seed)
-
-    strategy, devices = select_strategy(cfg.strategy)
-    on_gpu = any("GPU" in d for d in devices)
-    mixed = cfg.mixed_precision == "on" or (cfg.mixed_precision == "auto" and on_gpu)
-    keras.mixed_precision.set_global_policy("mixed_float16" if mixed else "float32")
 
     pre = cfg.preprocess
-    split_csv = run_dir / "split.csv"
-    samples, no_patient = discover(cfg.data)
-    if resume and split_csv.exists():
-        train_s, val_s = read_split(split_csv)
-    else:
-        if cfg.max_images and cfg.max_images < len(samples):
-            samples = _subsample(samples, cfg.max_images, cfg.seed)
-        train_s, val_s = patient_split(samples, cfg.val_fraction, cfg.seed)
-        write_split(split_csv, train_s, val_s)
-    cfg_dict = cfg.to_dict() | {"devices": devices, "mixed_precision_used": mixed,
-                                "no_patient_files": no_patient,
-                                "n_train": len(train_s), "n_val": len(val_s),
-                                "class_names": list(CLASS_NAMES)}
-    _write_json(run_dir / "config.json", cfg_dict)
-
     x_train, y_train = load_arrays(train_s, pre)
-    x_val, y_val = load_arrays(val_s, pre)
     global_batch = cfg.batch_size
     train_ds = make_dataset(x_train, y_train, pre, batch_size=global_batch, training=True,
                             seed=cfg.seed, augment=make_augment(cfg.augment))
-    val_ds = make_dataset(x_val, y_val, pre, batch_size=global_batch, training=False,
-                          seed=cfg.seed)
     steps = int(np.ceil(len(y_train) / global_batch))
 
     from .models import create_model
@@ -240,7 +193,6 @@ def train(cfg: TrainConfig, *, resume: bool = False,
                      keras.metrics.Precision(name="precision"),
                      keras.metrics.Recall(name="recall")])
 
-    history_csv = run_dir / "history.csv"
     best_so_far = _best_val_auc(history_csv) if resume else None
     if not resume and history_csv.exists():
         history_csv.unlink()
@@ -286,8 +238,75 @@ def train(cfg: TrainConfig, *, resume: bool = False,
     except KeyboardInterrupt:
         raise TrainInterrupted(
             f"interrupted; resume with: pneumo-edge train --out {run_dir} --resume") from None
-    seconds = time.perf_counter() - t0
+    return time.perf_counter() - t0
 
+
+
+def train(cfg: TrainConfig, *, resume: bool = False,
+          on_epoch: Callable[[int, dict], None] | None = None) -> TrainResult:
+    """Train a model as ``cfg`` says and fill the run folder.
+
+    Args:
+        cfg: the configuration; with ``resume`` the run folder's saved
+            ``config.json`` is used instead, except ``epochs`` (the new total)
+            when it is set.
+        resume: continue an interrupted run from its last completed epoch; on a
+            finished run, only re-evaluate the best checkpoint on validation
+            (threshold rule, ``val_metrics.json``).
+        on_epoch: called after each epoch with (epoch index, logs) for progress.
+
+    Raises:
+        DataError: unusable data folder. TrainInterrupted: Ctrl-C (resumable).
+    """
+    import keras
+
+    run_dir = Path(cfg.out)
+    if resume:
+        saved = run_dir / "config.json"
+        if not saved.exists():
+            raise FileNotFoundError(f"{run_dir}: no config.json to resume from")
+        epochs, target_sensitivity = cfg.epochs, cfg.target_sensitivity
+        cfg = TrainConfig.from_dict(json.loads(saved.read_text()))
+        if epochs:  # the new total; the cosine schedule is rebuilt for it
+            cfg.epochs = epochs
+        if target_sensitivity is not None:
+            cfg.target_sensitivity = target_sensitivity
+    run_dir.mkdir(parents=True, exist_ok=True)
+    keras.utils.set_random_seed(cfg.seed)
+
+    strategy, devices = select_strategy(cfg.strategy)
+    on_gpu = any("GPU" in d for d in devices)
+    mixed = cfg.mixed_precision == "on" or (cfg.mixed_precision == "auto" and on_gpu)
+    keras.mixed_precision.set_global_policy("mixed_float16" if mixed else "float32")
+
+    pre = cfg.preprocess
+    split_csv = run_dir / "split.csv"
+    samples, no_patient = discover(cfg.data)
+    if resume and split_csv.exists():
+        train_s, val_s = read_split(split_csv)
+    else:
+        if cfg.max_images and cfg.max_images < len(samples):
+            samples = _subsample(samples, cfg.max_images, cfg.seed)
+        train_s, val_s = patient_split(samples, cfg.val_fraction, cfg.seed)
+        write_split(split_csv, train_s, val_s)
+    cfg_dict = cfg.to_dict() | {"devices": devices, "mixed_precision_used": mixed,
+                                "no_patient_files": no_patient,
+                                "n_train": len(train_s), "n_val": len(val_s),
+                                "class_names": list(CLASS_NAMES)}
+    _write_json(run_dir / "config.json", cfg_dict)
+
+    x_val, y_val = load_arrays(val_s, pre)
+    val_ds = make_dataset(x_val, y_val, pre, batch_size=cfg.batch_size, training=False,
+                          seed=cfg.seed)
+    history_csv = run_dir / "history.csv"
+    # resuming a finished run re-evaluates its best checkpoint (e.g. a new threshold rule)
+    finished = (resume and (run_dir / "val_metrics.json").exists()
+                and not (run_dir / "backup").exists())
+    seconds = 0.0 if finished else _fit(cfg, run_dir, strategy, train_s, val_ds, history_csv,
+                                        resume, on_epoch)
+
+    previous = (json.loads((run_dir / "val_metrics.json").read_text())
+                if resume and (run_dir / "val_metrics.json").exists() else {})
     best = keras.models.load_model(run_dir / "best.keras")
     probs = best.predict(val_ds, verbose=0).reshape(-1)
     threshold, rule = choose_threshold(y_val, probs, cfg.target_sensitivity)
@@ -298,9 +317,9 @@ def train(cfg: TrainConfig, *, resume: bool = False,
     val = {"threshold": threshold, "threshold_rule": rule, "metrics": metrics,
            "best_epoch": best_epoch, "epochs_run": len(rows), "n_val": len(val_s),
            "n_val_patients": len({s.patient for s in val_s}),
-           "train_seconds_this_session": round(seconds, 1)}
+           "train_seconds": round(previous.get("train_seconds", 0.0) + seconds, 1)}
     _write_json(run_dir / "val_metrics.json", val)
     np.save(run_dir / "val_probs.npy", probs.astype(np.float32))
     plot_curves(history_csv, run_dir / "curves.png")
     return TrainResult(run_dir, best_epoch, len(rows), metrics, threshold, rule, devices,
-                       seconds, len(train_s), len(val_s), no_patient)
+                       val["train_seconds"], len(train_s), len(val_s), no_patient)
