@@ -272,7 +272,7 @@ def predict(
     for f in run.failures:
         err.print(f"[red]failed:[/] {f.path}: {f.error}", highlight=False, soft_wrap=True)
     _print_summary(run)
-    for kind, path in written.items():
+    for path in written.values():
         console.print(f"wrote {path}", highlight=False)
     console.print(f"[dim]{DISCLAIMER}[/]")
     if run.failures:

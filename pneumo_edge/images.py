@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import struct
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterable
 
 import cv2
 import numpy as np
@@ -209,10 +209,4 @@ def decode_gray(path: str | os.PathLike, target: int | None = None) -> np.ndarra
         scale = 255.0 / (hi - lo) if hi > lo else 0.0
         image = ((image.astype(np.float32) - lo) * scale + 0.5).astype(np.uint8)
     return image
-
-
-def iter_chunks(items: list, size: int) -> Iterator[list]:
-    """Consecutive slices of ``items`` of at most ``size`` elements."""
-    for start in range(0, len(items), size):
-        yield items[start:start + size]
 
