@@ -137,6 +137,9 @@ def run_benchmark(models: Sequence[str | os.PathLike], *, data: str | os.PathLik
     cache: dict = {}
     result = BenchmarkResult(machine_info(threads), 0, 0, list(batch_sizes))
     loaded: list[PneumoModel] = [load_model(m, device=device, threads=threads) for m in models]
+    # the reference first: FP32, then FP16, then INT8 (a shell glob sorts fp16 before fp32)
+    order = {"fp32": 0, "fp16": 1, "int8": 2}
+    loaded.sort(key=lambda m: order.get(m.precision, 3))
     result.machine["provider"] = loaded[0].provider if loaded else None
 
     def finish(row: BenchmarkRow, predict, x, cfg):

@@ -326,9 +326,10 @@ def info(model: Annotated[Path, typer.Argument(help="An exported ONNX model.")])
     console.print(table)
 
 
-@app.command()
+@app.command(context_settings={"allow_extra_args": True})
 def benchmark(
-    models: Annotated[Optional[list[Path]], typer.Option("--models", help="ONNX files (repeat the option) [default: the release model].")] = None,
+    ctx: typer.Context,
+    models: Annotated[Optional[list[Path]], typer.Option("--models", help="ONNX files: `--models exported/*.onnx` or the option repeated [default: the release model].")] = None,
     data: Annotated[Optional[Path], typer.Option(help="Images (labelled folders give metrics).")] = None,
     keras: Annotated[Optional[Path], typer.Option(help="Run folder or .keras file to time first (needs TensorFlow).")] = None,
     batch_sizes: Annotated[str, typer.Option(help="Comma-separated batch sizes.")] = "1,8,32",
@@ -350,7 +351,12 @@ def benchmark(
             raise ValueError
     except ValueError:
         raise _fail(f"--batch-sizes must be positive integers like 1,8,32, got {batch_sizes!r}")
-    paths = list(models) if models else [_resolve_model(None)]
+    # `--models exported/*.onnx`: the shell expands the glob into several words,
+    # and the words after the first arrive as extra arguments
+    extra = [Path(a) for a in ctx.args]
+    if extra and not models:
+        raise _fail(f"unexpected arguments: {' '.join(ctx.args)}")
+    paths = [*models, *extra] if models else [_resolve_model(None)]
     if data is not None and not data.exists():
         raise _fail(f"{data}: no such file or folder")
     try:
@@ -366,18 +372,21 @@ def benchmark(
                         f"onnxruntime {m['onnxruntime']} ({m.get('provider')}) | "
                         f"{result.n_images} images, {result.n_labelled} labelled",
                   title_justify="left")
-    for col in ["model", "MB", "acc", "AUC", "sens", "spec"] + [f"p50/p95 ms b{b}" for b in sizes] + [
+    for col in ["format", "MB", "acc", "AUC", "sens", "spec"] + [f"ms b{b}" for b in sizes] + [
             f"img/s b{sizes[-1]}", "speedup"]:
-        table.add_column(col, justify="right" if col != "model" else "left")
-    f = lambda v, s=".4f": "n/a" if v is None else format(v, s)
+        table.add_column(col, justify="left" if col == "format" else "right", overflow="fold")
+    f = lambda v, s=".3f": "n/a" if v is None else format(v, s)
     for r in result.rows:
         mt = r.metrics or {}
-        lat = [f"{r.latency[str(b)]['p50_ms']:.2f}/{r.latency[str(b)]['p95_ms']:.2f}" for b in sizes]
-        table.add_row(f"{r.name} ({r.fmt} {r.precision})", f"{r.size_mb:.1f}", f(mt.get("accuracy")),
-                      f(mt.get("auc")), f(mt.get("recall")), f(mt.get("specificity")), *lat,
-                      f(r.latency[str(sizes[-1])]["images_per_second"], ".1f"),
+        table.add_row(f"{r.fmt} {r.precision}", f"{r.size_mb:.1f}", f(mt.get("accuracy")),
+                      f(mt.get("auc")), f(mt.get("recall")), f(mt.get("specificity")),
+                      *[f(r.latency[str(b)]["p50_ms"], ".2f") for b in sizes],
+                      f(r.latency[str(sizes[-1])]["images_per_second"], ".0f"),
                       f(r.speedup_vs_first, ".2f") + "x")
     console.print(table)
+    console.print("[dim]ms: p50 model time per image at each batch size (p95 in benchmark.json/.md); "
+                  "metrics at each model's own threshold. Rows: "
+                  + ", ".join(r.name for r in result.rows) + "[/]", highlight=False)
     if out is not None:
         atomic_write(out / "benchmark.json", _json.dumps(result.to_dict(), indent=2) + "\n")
         atomic_write(out / "benchmark.md", markdown_table(result))

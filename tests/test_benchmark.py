@@ -42,6 +42,23 @@ def test_benchmark_table_and_json(tmp_path, labelled_folder):
     assert md.count("\n| ") == 3 and "p50 ms b1" in md
 
 
+def test_models_option_takes_a_shell_glob(tmp_path):
+    a = make_tiny_onnx(tmp_path / "a.onnx")
+    b = make_tiny_onnx(tmp_path / "b.onnx", {"precision": "fp16"})
+    out = tmp_path / "bench"
+    res = runner.invoke(app, ["benchmark", "--models", str(a), str(b), "--batch-sizes", "1",
+                              "--seconds", "0", "--out", str(out)])
+    assert res.exit_code == EXIT_OK, res.output
+    rows = json.loads((out / "benchmark.json").read_text())["rows"]
+    assert [r["name"] for r in rows] == ["a.onnx", "b.onnx"]  # fp32 before fp16
+    res = runner.invoke(app, ["benchmark", "--models", str(b), str(a), "--batch-sizes", "1",
+                              "--seconds", "0", "--out", str(out)])
+    rows = json.loads((out / "benchmark.json").read_text())["rows"]
+    assert [r["precision"] for r in rows] == ["fp32", "fp16"]
+    res = runner.invoke(app, ["benchmark", str(a)])
+    assert res.exit_code == EXIT_USAGE and "unexpected arguments" in res.output
+
+
 def test_benchmark_without_data_times_only(tmp_path):
     a = make_tiny_onnx(tmp_path / "a.onnx")
     out = tmp_path / "bench"
