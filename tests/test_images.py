@@ -76,7 +76,8 @@ def test_large_jpeg_decodes_reduced(tmp_path):
     img = np.full((3000, 2400), 90, np.uint8)
     path = _encode(tmp_path / "big.jpg", img, ".jpg")
     out = decode_gray(path, target=180)
-    assert out.shape == (750, 600)  # 1/4: the largest scale keeping >= 2x target (1/8 gives 300)
+    assert out.shape == (375, 300)  # 1/8: 300 px still keeps 1.5x the 180 px target
+    assert decode_gray(path, target=256).shape == (750, 600)  # 1/8 would leave 300 < 384
     assert decode_gray(path).shape == (3000, 2400)
 
 
@@ -145,8 +146,8 @@ def test_real_full_resolution_originals_decode_reduced():
     for f in files:
         full = decode_gray(f)
         reduced = decode_gray(f, target=180)
-        assert min(reduced.shape) >= 360 and reduced.shape[0] <= full.shape[0]
-        if min(full.shape) >= 720:  # large enough for at least 1/2 scale
+        assert min(reduced.shape) >= 270 and reduced.shape[0] <= full.shape[0]
+        if min(full.shape) >= 540:  # large enough for at least 1/2 scale
             assert reduced.shape[0] <= (full.shape[0] + 1) // 2
         a = load_image(f, cfg)
         b = cv2.resize(full, (180, 180), interpolation=cv2.INTER_AREA).astype(np.float32)
