@@ -113,8 +113,15 @@ def train(
             f"{logs.get('epoch_seconds', 0):.0f} s",
             highlight=False)
 
+    def on_start(resolved: dict) -> None:
+        console.print(
+            f"training {resolved['arch']} at {resolved['img_size']} px on "
+            f"{', '.join(resolved['devices'])} (mixed precision "
+            f"{'on' if resolved['mixed_precision_used'] else 'off'}): {resolved['n_train']} train / "
+            f"{resolved['n_val']} validation images, split by patient", highlight=False)
+
     try:
-        result = run_training(cfg, resume=resume, on_epoch=on_epoch)
+        result = run_training(cfg, resume=resume, on_epoch=on_epoch, on_start=on_start)
     except (DataError, FileNotFoundError, ValueError) as exc:
         raise _fail(str(exc))
     except TrainInterrupted as exc:

@@ -212,6 +212,7 @@ def test_train_cli_errors_and_table(data_dir, tmp_path):
                               "--batch-size", "8", "--val-fraction", "0.25"])
     assert res.exit_code == 0, res.output
     assert "best epoch" in res.output and "threshold" in res.output and "val AUC" in res.output
+    assert "on /device:CPU:0 (mixed precision off)" in res.output
 
 
 @pytest.mark.slow

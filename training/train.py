@@ -243,7 +243,8 @@ def _fit(cfg: TrainConfig, run_dir: Path, strategy, train_s, val_ds, history_csv
 
 
 def train(cfg: TrainConfig, *, resume: bool = False,
-          on_epoch: Callable[[int, dict], None] | None = None) -> TrainResult:
+          on_epoch: Callable[[int, dict], None] | None = None,
+          on_start: Callable[[dict], None] | None = None) -> TrainResult:
     """Train a model as ``cfg`` says and fill the run folder.
 
     Args:
@@ -254,6 +255,8 @@ def train(cfg: TrainConfig, *, resume: bool = False,
             finished run, only re-evaluate the best checkpoint on validation
             (threshold rule, ``val_metrics.json``).
         on_epoch: called after each epoch with (epoch index, logs) for progress.
+        on_start: called once with the resolved configuration (devices, split sizes)
+            before the first epoch.
 
     Raises:
         DataError: unusable data folder. TrainInterrupted: Ctrl-C (resumable).
@@ -294,6 +297,8 @@ def train(cfg: TrainConfig, *, resume: bool = False,
                                 "n_train": len(train_s), "n_val": len(val_s),
                                 "class_names": list(CLASS_NAMES)}
     _write_json(run_dir / "config.json", cfg_dict)
+    if on_start:
+        on_start(cfg_dict)
 
     x_val, y_val = load_arrays(val_s, pre)
     val_ds = make_dataset(x_val, y_val, pre, batch_size=cfg.batch_size, training=False,
