@@ -23,7 +23,7 @@ EXIT_INTERRUPTED = 130
 
 app = typer.Typer(
     add_completion=False, no_args_is_help=True, rich_markup_mode="rich",
-    help="Chest X-ray pneumonia screening on edge boxes: train, export, predict, info. "
+    help="Chest X-ray pneumonia screening on edge boxes: train, export, predict, info, benchmark. "
          "A research and engineering tool, not a medical device.")
 console = Console()
 err = Console(stderr=True)
