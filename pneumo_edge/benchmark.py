@@ -53,18 +53,11 @@ class BenchmarkResult:
 
 
 def machine_info(threads: int | None = None) -> dict:
-    cpu = platform.processor() or platform.machine()
+    cpu, flags = platform.processor() or platform.machine(), ""
     try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    flags = ""
-    try:
-        flags = Path("/proc/cpuinfo").read_text().split("flags", 1)[1].split("\n", 1)[0]
+        info = Path("/proc/cpuinfo").read_text()
+        cpu = info.split("model name", 1)[1].split(":", 1)[1].split("\n", 1)[0].strip()
+        flags = info.split("flags", 1)[1].split("\n", 1)[0]
     except (OSError, IndexError):
         pass
     import onnxruntime as ort
@@ -92,16 +85,22 @@ def time_runs(fn: Callable[[], object], batch: int, min_seconds: float = 1.0,
             "images_per_second": 1000.0 / p50 if p50 > 0 else None, "runs": len(times)}
 
 
-def _load_inputs(files: Sequence[Path], cfg: PreprocessConfig, cache: dict) -> np.ndarray:
+def _load_inputs(files: Sequence[Path], cfg: PreprocessConfig, cache: dict
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Decoded model inputs of ``files`` with their labels (1 = PNEUMONIA) and a mask of
+    the labelled ones; undecodable files are left out. Cached per preprocessing config."""
     if cfg not in cache:
-        good = []
+        good, truths = [], []
         for f in files:
             try:
                 good.append(load_image(f, cfg))
             except ValueError:
                 continue
-        cache[cfg] = np.stack(good) if good else np.zeros((0, cfg.height, cfg.width, cfg.channels),
-                                                          np.float32)
+            truths.append(label_from_path(f))
+        x = (np.stack(good) if good
+             else np.zeros((0, cfg.height, cfg.width, cfg.channels), np.float32))
+        cache[cfg] = (x, np.array([t == "PNEUMONIA" for t in truths], bool),
+                      np.array([t is not None for t in truths], bool))
     return cache[cfg]
 
 
@@ -133,7 +132,6 @@ def run_benchmark(models: Sequence[str | os.PathLike], *, data: str | os.PathLik
     """
     say = progress or (lambda m: None)
     files = collect_images([data]) if data else []
-    labels_txt = [label_from_path(f) for f in files]
     cache: dict = {}
     result = BenchmarkResult(machine_info(threads), 0, 0, list(batch_sizes))
     loaded: list[PneumoModel] = [load_model(m, device=device, threads=threads) for m in models]
@@ -151,23 +149,19 @@ def run_benchmark(models: Sequence[str | os.PathLike], *, data: str | os.PathLik
 
     if keras_source is not None:
         say(f"Keras: {keras_source}")
-        row, predict, x, cfg = _keras_row(Path(keras_source), files, labels_txt, cache)
+        row, predict, x, cfg = _keras_row(Path(keras_source), files, cache)
         finish(row, predict, x, cfg)
     for m in loaded:
         say(f"ONNX: {m.path}")
         cfg = m.preprocess
-        x = _load_inputs(files, cfg, cache)
-        labels = np.array([t == "PNEUMONIA" for t in labels_txt], bool)
-        mask = np.array([t is not None for t in labels_txt], bool)
-        if len(x) != len(files):  # undecodable files: score only what decoded
-            labels = mask = np.zeros(len(x), bool)
+        x, labels, mask = _load_inputs(files, cfg, cache)
         row = BenchmarkRow(m.path.name, "onnx", m.precision, m.path.stat().st_size / 1e6,
                            m.threshold, _score(m.run, x, labels, mask, m.threshold), {},
                            provider=m.provider)
         finish(row, m.run, x, cfg)
 
     result.n_images = len(files)
-    result.n_labelled = sum(t is not None for t in labels_txt)
+    result.n_labelled = sum(label_from_path(f) is not None for f in files)
     if result.rows:
         key = str(batch_sizes[0])
         first = result.rows[0].latency[key]["p50_ms"]
@@ -176,7 +170,7 @@ def run_benchmark(models: Sequence[str | os.PathLike], *, data: str | os.PathLik
     return result
 
 
-def _keras_row(source: Path, files, labels_txt, cache):
+def _keras_row(source: Path, files, cache):
     """The Keras model as trained (TensorFlow needed): a run folder or a .keras file."""
     import json
 
@@ -189,12 +183,8 @@ def _keras_row(source: Path, files, labels_txt, cache):
         threshold = float(json.loads((source / "val_metrics.json").read_text())["threshold"])
     shape = model.inputs[0].shape
     cfg = PreprocessConfig(int(shape[1]), int(shape[2]), int(shape[3]))
-    x = _load_inputs(files, cfg, cache)
+    x, labels, mask = _load_inputs(files, cfg, cache)
     predict = lambda b: np.asarray(model.predict_on_batch(b)).reshape(-1)
-    labels = np.array([t == "PNEUMONIA" for t in labels_txt], bool)
-    mask = np.array([t is not None for t in labels_txt], bool)
-    if len(x) != len(files):
-        labels = mask = np.zeros(len(x), bool)
     row = BenchmarkRow(keras_path.name, "keras", "fp32", keras_path.stat().st_size / 1e6,
                        threshold, _score(predict, x, labels, mask, threshold), {})
     return row, predict, x, cfg

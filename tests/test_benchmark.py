@@ -80,3 +80,16 @@ def test_time_runs_counts_and_orders():
     stats = time_runs(lambda: calls.append(1), batch=4, min_seconds=0.0, min_runs=12, warmup=2)
     assert stats["runs"] == 12 and len(calls) == 14
     assert stats["p95_ms"] >= stats["p50_ms"] >= 0
+
+
+def test_broken_file_in_data_is_left_out_of_the_metrics(tmp_path, labelled_folder):
+    (labelled_folder / "NORMAL" / "broken.jpeg").write_bytes(b"")
+    a = make_tiny_onnx(tmp_path / "a.onnx")
+    out = tmp_path / "bench"
+    res = runner.invoke(app, ["benchmark", "--models", str(a), "--data", str(labelled_folder),
+                              "--batch-sizes", "1", "--seconds", "0", "--out", str(out)])
+    assert res.exit_code == EXIT_OK, res.output
+    doc = json.loads((out / "benchmark.json").read_text())
+    assert doc["n_images"] == 9
+    metrics = doc["rows"][0]["metrics"]
+    assert metrics["n_labelled"] == 8 and metrics["accuracy"] == pytest.approx(0.75)
