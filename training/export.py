@@ -163,23 +163,27 @@ class _CalibReader:
         return {self.input_name: x}
 
 
-def _to_int8(fp32_path: Path, out_path: Path, calib_paths: list[str], cfg: PreprocessConfig,
-             method: str) -> None:
-    from onnxruntime.quantization import (CalibrationMethod, QuantFormat, QuantType,
-                                          quantize_static)
+def _prepare_for_int8(fp32_path: Path, out_path: Path) -> None:
+    """onnxruntime's quantisation pre-processing (shape inference, graph clean-up), once."""
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    pre = out_path.with_name(out_path.stem + ".pre.onnx")
-    quant_pre_process(str(fp32_path), str(pre), skip_symbolic_shape=False)
+    quant_pre_process(str(fp32_path), str(out_path), skip_symbolic_shape=False)
+
+
+def _to_int8(pre_path: Path, out_path: Path, calib_paths: list[str], cfg: PreprocessConfig,
+             method: str) -> None:
+    """Static INT8 (QDQ, per-channel) of a pre-processed FP32 model, calibrated by ``method``."""
+    import onnx
+    from onnxruntime.quantization import (CalibrationMethod, QuantFormat, QuantType,
+                                          quantize_static)
+
     methods = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
                "percentile": CalibrationMethod.Percentile}
-    import onnx
-    input_name = onnx.load(str(pre), load_external_data=False).graph.input[0].name
+    input_name = onnx.load(str(pre_path), load_external_data=False).graph.input[0].name
     quantize_static(
-        str(pre), str(out_path), _CalibReader(calib_paths, cfg, input_name),
+        str(pre_path), str(out_path), _CalibReader(calib_paths, cfg, input_name),
         quant_format=QuantFormat.QDQ, per_channel=True, activation_type=QuantType.QUInt8,
         weight_type=QuantType.QInt8, calibrate_method=methods[method])
-    pre.unlink(missing_ok=True)
 
 
 # ---------------------------------------------------------------- evaluation
@@ -337,9 +341,11 @@ def export_run(source: str | os.PathLike, out_dir: str | os.PathLike = "exported
             methods = CALIB_METHODS if calib_method == "auto" else (calib_method,)
             tried = {}
             best = None
+            pre_path = tmp / "fp32_pre.onnx"
+            _prepare_for_int8(fp32_path, pre_path)
             for method in methods:
                 qpath = tmp / f"int8_{method}.onnx"
-                _to_int8(fp32_path, qpath, calib_paths, cfg, method)
+                _to_int8(pre_path, qpath, calib_paths, cfg, method)
                 qproto = onnx.load(str(qpath))
                 p = _ort_probs(qproto.SerializeToString(), val_x)
                 diff, agree, metrics = _compare(p, p_keras, val_labels, src.threshold)
