@@ -115,7 +115,6 @@ def predict_paths(model: PneumoModel, files: Sequence[Path], *, batch_size: int 
         batch_paths.clear()
 
     t_start = time.perf_counter()
-    done = 0
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="decode") as pool:
         pending: deque[tuple[Path, Future]] = deque()
         it = iter(files)
@@ -131,21 +130,16 @@ def predict_paths(model: PneumoModel, files: Sequence[Path], *, batch_size: int 
             result = fut.result()
             if isinstance(result, ImageDecodeError):
                 failures.append(Failure(str(path), str(result)))
-                done += 1
             else:
                 batch.append(result)
                 batch_paths.append(path)
                 if len(batch) >= batch_size:
-                    n = len(batch)
                     flush()
-                    done += n
                     if progress:
-                        progress(done)
-        n = len(batch)
+                        progress(len(predictions) + len(failures))
         flush()
-        done += n
         if progress:
-            progress(done)
+            progress(len(predictions) + len(failures))
     seconds = time.perf_counter() - t_start
 
     labelled = [p for p in predictions if p.truth is not None]

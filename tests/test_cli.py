@@ -204,3 +204,17 @@ def test_cuda_device_loads_or_fails_clearly(tiny_model, labelled_folder):
     else:
         assert res.exit_code == EXIT_USAGE
         assert "--device cuda" in res.output and "use --device auto or cpu" in res.output
+
+
+def test_progress_counts_every_file_once(tiny_model, labelled_folder):
+    from pneumo_edge.images import collect_images
+    from pneumo_edge.predict import predict_paths
+    from pneumo_edge.runtime import load_model
+
+    add_broken_files(labelled_folder)
+    files = collect_images([labelled_folder])
+    seen: list[int] = []
+    run = predict_paths(load_model(tiny_model, device="cpu"), files, batch_size=3,
+                        progress=seen.append)
+    assert seen == sorted(seen) and seen[-1] == len(files) == 12
+    assert len(run.predictions) == 8 and len(run.failures) == 4
