@@ -11,8 +11,9 @@ from typing import Sequence
 
 import numpy as np
 
-__all__ = ["BinaryMetrics", "binary_metrics", "choose_threshold", "roc_auc", "roc_curve",
-           "latency_summary"]
+__all__ = ["BinaryMetrics", "binary_metrics", "choose_threshold", "choose_threshold_robust",
+           "roc_auc", "roc_curve", "latency_summary", "apply_temperature", "fit_temperature", "fit_platt",
+           "expected_calibration_error"]
 
 
 @dataclass(frozen=True)
@@ -154,3 +155,95 @@ def latency_summary(ms_per_image: Sequence[float]) -> dict[str, float | None]:
         return {"mean": None, "p50": None, "p95": None, "p99": None}
     p50, p95, p99 = np.percentile(t, [50, 95, 99])
     return {"mean": float(t.mean()), "p50": float(p50), "p95": float(p95), "p99": float(p99)}
+
+
+def choose_threshold_robust(y_true: Sequence[int], scores_by_row: dict[str, Sequence[float]]
+                            ) -> tuple[float, str]:
+    """A threshold that holds under shift: the centre of the worst-row Youden plateau.
+
+    For each candidate threshold t, J_min(t) is the smallest Youden's J over the
+    rows (the clean validation set and its perturbed copies, e.g. the zoom rows
+    of the robustness suite). Every t whose J_min is within one image of the
+    best (1 / size of the smaller class) is a candidate; the middle of their
+    range is returned, as in :func:`choose_threshold`.
+    """
+    y = np.asarray(y_true, dtype=bool)
+    if y.all() or not y.any():
+        raise ValueError("threshold selection needs both classes in the validation set")
+    rows = [np.asarray(s, dtype=np.float64) for s in scores_by_row.values()]
+    cand = np.unique(np.concatenate(rows))
+    cand = np.r_[cand, np.nextafter(cand[-1], np.inf)]
+    n_pos, n_neg = int(y.sum()), int((~y).sum())
+    j_min = np.full(cand.size, np.inf)
+    for s in rows:
+        pos = np.sort(s[y])
+        neg = np.sort(s[~y])
+        tpr = 1.0 - np.searchsorted(pos, cand, side="left") / n_pos  # share of pos >= t
+        fpr = 1.0 - np.searchsorted(neg, cand, side="left") / n_neg
+        j_min = np.minimum(j_min, tpr - fpr)
+    tolerance = 1.0 / min(n_pos, n_neg)
+    ok = cand[j_min >= j_min.max() - tolerance - 1e-12]
+    return float((ok.min() + ok.max()) / 2.0), f"worst_row_youden_plateau({len(rows)} rows)"
+
+
+def _logit(p: np.ndarray) -> np.ndarray:
+    p = np.clip(np.asarray(p, dtype=np.float64), 1e-7, 1 - 1e-7)
+    return np.log(p) - np.log1p(-p)
+
+
+def apply_temperature(p: Sequence[float] | float, temperature: float,
+                      bias: float = 0.0) -> np.ndarray:
+    """sigmoid(logit(p) / T + bias): what a calibration folded into the model outputs."""
+    return 1.0 / (1.0 + np.exp(-(_logit(np.asarray(p)) / float(temperature) + float(bias))))
+
+
+def fit_temperature(y_true: Sequence[int], scores: Sequence[float]) -> float:
+    """The temperature T minimising the log-loss of sigmoid(logit(p) / T) (grid search)."""
+    y = np.asarray(y_true, dtype=np.float64)
+    z = _logit(scores)
+    grid = np.exp(np.linspace(np.log(0.1), np.log(10.0), 801))
+    nll = [np.mean(np.logaddexp(0.0, -z / t) * y + np.logaddexp(0.0, z / t) * (1 - y))
+           for t in grid]
+    return float(grid[int(np.argmin(nll))])
+
+
+def fit_platt(y_true: Sequence[int], scores: Sequence[float], iterations: int = 50
+              ) -> tuple[float, float]:
+    """Temperature and bias (T, b) minimising the log-loss of sigmoid(logit(p) / T + b).
+
+    Platt scaling by Newton's method. The bias absorbs the prior shift that
+    class-balanced training puts into the logits (the model is trained as if the
+    classes were equally common); T alone cannot.
+    """
+    y = np.asarray(y_true, dtype=np.float64)
+    z = _logit(scores)
+    a, b = 1.0 / fit_temperature(y, scores), 0.0
+    x = np.stack([z, np.ones_like(z)], axis=1)
+    for _ in range(iterations):
+        q = 1.0 / (1.0 + np.exp(-(a * z + b)))
+        grad = x.T @ (q - y)
+        hess = (x * (q * (1 - q))[:, None]).T @ x + 1e-9 * np.eye(2)
+        step = np.linalg.solve(hess, grad)
+        a, b = a - step[0], b - step[1]
+        if np.max(np.abs(step)) < 1e-10:
+            break
+    if not (np.isfinite(a) and np.isfinite(b) and 0.1 <= a <= 10.0):
+        return fit_temperature(y, scores), 0.0  # near-separable data: temperature alone
+    return float(1.0 / a), float(b)
+
+
+def expected_calibration_error(y_true: Sequence[int], scores: Sequence[float],
+                               bins: int = 15) -> float:
+    """ECE of P(PNEUMONIA): mean |observed rate - mean probability| over equal-width bins,
+    weighted by the share of images in each bin."""
+    y = np.asarray(y_true, dtype=np.float64)
+    p = np.asarray(scores, dtype=np.float64)
+    if p.size == 0:
+        return 0.0
+    idx = np.minimum((p * bins).astype(int), bins - 1)
+    ece = 0.0
+    for b in range(bins):
+        m = idx == b
+        if m.any():
+            ece += m.mean() * abs(y[m].mean() - p[m].mean())
+    return float(ece)

@@ -1,0 +1,145 @@
+"""The robustness suite and the shift-aware threshold and calibration helpers."""
+
+from __future__ import annotations
+
+import json
+
+import cv2
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from pneumo_edge.cli import EXIT_USAGE, app
+from pneumo_edge.metrics import (apply_temperature, choose_threshold_robust,
+                                 expected_calibration_error, fit_platt, fit_temperature)
+from pneumo_edge.preprocess import PreprocessConfig
+from pneumo_edge.robustness import PERTURBATIONS, perturb, run_suite
+
+from conftest import make_tiny_onnx
+
+
+def _gradient(h=60, w=80):
+    return np.tile(np.linspace(0, 255, w, dtype=np.float32), (h, 1)).astype(np.uint8)
+
+
+def test_every_perturbation_keeps_a_2d_uint8_image():
+    img = _gradient()
+    for name in PERTURBATIONS:
+        out = perturb(img, name, seed=3)
+        assert out.dtype == np.uint8 and out.ndim == 2, name
+    assert np.array_equal(perturb(img, "clean"), img)
+    with pytest.raises(ValueError, match="unknown perturbation"):
+        perturb(img, "zoom_sideways")
+
+
+def test_zoom_rows_crop_and_add_black_border():
+    img = np.full((100, 100), 180, np.uint8)
+    zin = perturb(img, "zoom_in_10")
+    assert zin.shape == (90, 90) and zin.min() == 180
+    zout = perturb(img, "zoom_out_10")
+    assert zout.shape == (100, 100)
+    assert zout[0, 0] == 0 and zout[50, 50] == 180
+    # the content shrinks to 1/1.1 of the side: about 91 of 100 rows stay bright
+    assert abs(int((zout[:, 50] > 90).sum()) - 91) <= 2
+    g = perturb(img, "gamma_1.4")
+    assert g.mean() < img.mean()  # gamma > 1 darkens mid-greys
+
+
+def test_noise_is_seeded():
+    img = np.full((40, 40), 100, np.uint8)
+    assert np.array_equal(perturb(img, "noise", 5), perturb(img, "noise", 5))
+    assert not np.array_equal(perturb(img, "noise", 5), perturb(img, "noise", 6))
+
+
+def _labelled(tmp_path, n=6):
+    files, labels = [], []
+    for i in range(n):
+        for label, level in ((0, 40 + 10 * i), (1, 170 + 10 * i)):
+            p = tmp_path / f"{label}_{i}.png"
+            img = np.full((50, 40), level, np.uint8)
+            img[:, :5] = 0  # a dark margin, as X-rays have
+            cv2.imencode(".png", img)[1].tofile(str(p))
+            files.append(str(p))
+            labels.append(label)
+    return files, labels
+
+
+def test_suite_rows_on_a_tiny_model(tmp_path):
+    from pneumo_edge.runtime import load_model
+
+    model = load_model(make_tiny_onnx(tmp_path / "tiny.onnx"), device="cpu")
+    files, labels = _labelled(tmp_path)
+    files.append(str(tmp_path / "missing.png"))
+    labels.append(0)
+    res = run_suite(model.run, model.preprocess, files, labels, model.threshold,
+                    perturbations=["clean", "zoom_out_15", "gamma_1.4"], batch_size=4)
+    assert res.n_failed == 1 and res.n_images == 13 and len(res.labels) == 12
+    assert [r.perturbation for r in res.rows] == ["clean", "zoom_out_15", "gamma_1.4"]
+    clean = res.row("clean")
+    assert clean.auc == 1.0 and clean.mean_abs_dp == 0.0 and clean.flipped == 0.0
+    # mean brightness model: a black border darkens every image, so p drops
+    zout = res.row("zoom_out_15")
+    assert zout.mean_abs_dp > 0.01
+    assert np.all(res.probs["zoom_out_15"] < res.probs["clean"])
+    worst = res.worst()
+    assert worst["mean_abs_dp"]["row"] in ("zoom_out_15", "gamma_1.4")
+    assert res.agreement_with(res) == {n: 1.0 for n in res.probs}
+    d = res.to_dict()
+    assert json.loads(json.dumps(d))["rows"][0]["perturbation"] == "clean"
+
+
+def test_robustness_cli_on_onnx(tmp_path):
+    root = tmp_path / "val"
+    for label, levels in (("NORMAL", (40, 60, 80)), ("PNEUMONIA", (170, 190, 210))):
+        (root / label).mkdir(parents=True)
+        for lv in levels:
+            cv2.imencode(".png", np.full((30, 30), lv, np.uint8))[1].tofile(
+                str(root / label / f"{lv}.png"))
+    model = make_tiny_onnx(tmp_path / "tiny.onnx")
+    runner = CliRunner()
+    res = runner.invoke(app, ["robustness", str(model), "--data", str(root), "--rows",
+                              "clean,zoom_in_10,noise", "--reference", str(model),
+                              "--out", str(tmp_path / "o"), "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    assert "zoom_in_10" in res.output and "agree vs ref" in res.output
+    report = json.loads((tmp_path / "o" / "robustness.json").read_text())
+    assert [r["perturbation"] for r in report["rows"]] == ["clean", "zoom_in_10", "noise"]
+    assert report["rows"][0]["auc"] == 1.0 and report["agreement"]["noise"] == 1.0
+    bad = runner.invoke(app, ["robustness", str(model), "--data", str(root), "--rows", "tilt"])
+    assert bad.exit_code == EXIT_USAGE and "unknown perturbation 'tilt'" in bad.output
+    none = runner.invoke(app, ["robustness", str(model)])
+    assert none.exit_code == EXIT_USAGE and "no labelled images" in none.output
+
+
+def test_robust_threshold_takes_the_worst_row():
+    y = np.array([0] * 10 + [1] * 10)
+    clean = np.r_[np.linspace(0.0, 0.3, 10), np.linspace(0.7, 1.0, 10)]
+    # zoomed in, normals score higher: only thresholds above 0.6 keep every normal
+    shifted = np.r_[np.linspace(0.3, 0.6, 10), np.linspace(0.8, 1.0, 10)]
+    t, rule = choose_threshold_robust(y, {"clean": clean, "zoom_in": shifted})
+    assert 0.6 < t < 0.7 and rule == "worst_row_youden_plateau(2 rows)"
+    t_clean, _ = choose_threshold_robust(y, {"clean": clean})
+    assert 0.3 < t_clean < 0.7 and t_clean < t
+
+
+def test_temperature_fixes_overconfidence():
+    rng = np.random.default_rng(0)
+    z = rng.normal(0, 1.5, 4000)
+    y = (rng.random(4000) < 1 / (1 + np.exp(-z))).astype(int)  # calibrated at T = 1
+    over = 1 / (1 + np.exp(-3 * z))                              # logits tripled
+    t = fit_temperature(y, over)
+    assert t == pytest.approx(3.0, rel=0.1)
+    fixed = apply_temperature(over, t)
+    assert expected_calibration_error(y, fixed) < 0.5 * expected_calibration_error(y, over)
+    assert np.all(np.argsort(fixed) == np.argsort(over))  # ranking (AUC) unchanged
+
+
+def test_platt_removes_a_prior_shift():
+    rng = np.random.default_rng(1)
+    z = rng.normal(0, 2, 5000)
+    y = (rng.random(5000) < 1 / (1 + np.exp(-z))).astype(int)
+    shifted = 1 / (1 + np.exp(-(z / 2.0 - 1.0)))  # too soft and biased towards NORMAL
+    t, b = fit_platt(y, shifted)
+    assert t == pytest.approx(0.5, rel=0.1) and b == pytest.approx(2.0, rel=0.15)
+    fixed = apply_temperature(shifted, t, b)
+    assert expected_calibration_error(y, fixed) < 0.03 < expected_calibration_error(y, shifted)
