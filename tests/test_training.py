@@ -111,8 +111,21 @@ def test_augmentation_keeps_shape_range_and_labels(data_dir):
     b = aug(one, tf.constant([1, 2], tf.int64)).numpy()
     c = aug(one, tf.constant([3, 4], tf.int64)).numpy()
     assert np.array_equal(a, b) and not np.array_equal(a, c)  # stateless: seed decides
-    assert make_augment(AugmentConfig(flip=False, zoom=0, rotation=0, shift=0, brightness=0,
-                                      contrast=0, gamma=0)) is None
+    assert make_augment(AugmentConfig.off()) is None
+
+
+def test_augmentation_zooms_out_with_black_border_and_crops_in():
+    """Scale is two-sided: zoomed-out draws leave black (0) corners, crops fill the frame."""
+    one = tf.fill((64, 64, 1), tf.constant(200, tf.uint8))
+    only_geometry = dict(flip=False, aspect=0.0, rotation=0.0, shift=0.0, brightness=0.0,
+                         contrast=0.0, gamma=0.0, noise=0.0, lowres=0.0)
+    out = make_augment(AugmentConfig(crop_area=1.0, zoom_out=0.5, **only_geometry))
+    corners = [float(out(one, tf.constant([s, 1], tf.int64))[0, 0, 0]) for s in range(20)]
+    assert min(corners) == 0.0  # a black border, not edge replication
+    crop = make_augment(AugmentConfig(crop_area=0.3, zoom_out=0.0, **only_geometry))
+    for s in range(20):
+        img = crop(one, tf.constant([s, 1], tf.int64)).numpy()
+        assert img.min() == pytest.approx(200.0, abs=1e-3)  # crops never show a border
 
 
 def test_one_epoch_run_folder(data_dir, tmp_path):
@@ -130,7 +143,17 @@ def test_one_epoch_run_folder(data_dir, tmp_path):
     val_p = {r["patient"] for r in rows if r["subset"] == "val"}
     assert train_p and val_p and not train_p & val_p
     val = json.loads((run / "val_metrics.json").read_text())
-    assert 0.0 <= val["threshold"] <= 1.0 and val["threshold_rule"] == "youden_plateau"
+    assert 0.0 <= val["threshold"] <= 1.0
+    assert val["threshold_rule"] == "worst_row_youden_plateau(7 rows)"
+    assert set(val["shifted_metrics"]) == {"zoom_in_5", "zoom_in_10", "zoom_in_15",
+                                           "zoom_out_5", "zoom_out_10", "zoom_out_15"}
+    cal = val["calibration"]
+    assert cal["temperature"] > 0 and 0.0 <= cal["ece_after"] <= 1.0
+    with open(run / "history.csv") as fh:
+        hist = list(csv.DictReader(fh))
+    robust = float(hist[0]["val_robust_auc"])
+    assert robust == pytest.approx(min(float(hist[0][f"val_{r}_auc"])
+                                       for r in ("clean", "zoom_in_15", "zoom_out_15")))
     assert val["metrics"]["n_labelled"] == len(val_p) * 2 == result.n_val
     assert set(val["metrics"]) >= {"auc", "recall", "specificity", "accuracy"}
     cfg = json.loads((run / "config.json").read_text())

@@ -147,18 +147,42 @@ def read_split(path: Path) -> tuple[list[Sample], list[Sample]]:
     return train, val
 
 
-def load_arrays(samples: list[Sample], cfg: PreprocessConfig) -> tuple[np.ndarray, np.ndarray]:
-    """Decode and resize every sample with the runtime's preprocessing (uint8 N,H,W,1)."""
+def load_arrays(samples: list[Sample], cfg: PreprocessConfig, perturbation: str = "clean"
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """Decode and resize every sample with the runtime's preprocessing (uint8 N,H,W,1).
+
+    ``perturbation`` names a row of the robustness suite
+    (:data:`pneumo_edge.robustness.PERTURBATIONS`), applied before the resize
+    exactly as the suite applies it: the shifted validation sets that choose the
+    checkpoint and the threshold.
+    """
     from concurrent.futures import ThreadPoolExecutor
+
+    from pneumo_edge.images import decode_gray
+    from pneumo_edge.preprocess import resize_gray
+    from pneumo_edge.robustness import perturb
 
     images = np.empty((len(samples), cfg.height, cfg.width, 1), dtype=np.uint8)
 
     def fill(i: int) -> None:  # OpenCV releases the GIL: threads decode in parallel
-        images[i, :, :, 0] = load_gray(samples[i].path, cfg)
+        if perturbation == "clean":
+            images[i, :, :, 0] = load_gray(samples[i].path, cfg)
+        else:
+            gray = decode_gray(samples[i].path, target=max(cfg.height, cfg.width))
+            images[i, :, :, 0] = resize_gray(perturb(gray, perturbation), cfg)
 
     with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 2)) as pool:
         list(pool.map(fill, range(len(samples))))
     return images, np.array([s.label for s in samples], dtype=np.float32)
+
+
+def to_model_input_np(images: np.ndarray, cfg: PreprocessConfig) -> np.ndarray:
+    """numpy twin of :func:`to_model_input_tf` for cached uint8 (N, H, W, 1) arrays."""
+    lo, hi = cfg.value_range
+    x = images.astype(np.float32)
+    if (lo, hi) != (0.0, 255.0):
+        x = x * np.float32((hi - lo) / 255.0) + np.float32(lo)
+    return np.repeat(x, cfg.channels, axis=-1) if cfg.channels != 1 else x
 
 
 def to_model_input_tf(images, cfg: PreprocessConfig):

@@ -17,12 +17,14 @@ from typing import Callable
 
 import numpy as np
 
-from pneumo_edge.metrics import binary_metrics, choose_threshold
+from pneumo_edge.metrics import (apply_temperature, binary_metrics, choose_threshold,
+                                 choose_threshold_robust, expected_calibration_error,
+                                 fit_platt)
 from pneumo_edge.preprocess import PreprocessConfig
 
 from .augment import AugmentConfig, make_augment
 from .data import (CLASS_NAMES, class_weights, discover, load_arrays, make_dataset,
-                   patient_split, read_split, write_split)
+                   patient_split, read_split, to_model_input_np, write_split)
 
 
 @dataclass
@@ -49,6 +51,16 @@ class TrainConfig:
     max_images: int | None = None  # subsample (stratified) for quick experiments
     strategy: str = "auto"       # "auto", "mirrored", "default"
     mixed_precision: str = "auto"  # "auto" (on GPU), "on", "off"
+    # exponential moving average of the weights (0: off); the averaged weights are
+    # the ones evaluated, checkpointed and exported
+    ema_decay: float = 0.998
+    # the checkpoint is chosen on the worst validation AUC over these rows of the
+    # robustness suite (pneumo_edge.robustness), not on clean validation alone
+    select_rows: tuple[str, ...] = ("clean", "zoom_in_15", "zoom_out_15")
+    # "robust": the worst-row Youden plateau over clean + every zoom row;
+    # "clean": the Youden plateau on clean validation (the 0.1 rule)
+    threshold_rule: str = "robust"
+    calibrate: bool = True       # fit a temperature on validation, folded into the model
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -59,7 +71,9 @@ class TrainConfig:
     def from_dict(cls, d: dict) -> "TrainConfig":
         known = {f.name for f in fields(cls)}
         d = {k: v for k, v in d.items() if k in known}
-        d["augment"] = AugmentConfig(**d.get("augment", {}))
+        d["augment"] = AugmentConfig.from_dict(d.get("augment", {}))
+        if "select_rows" in d:
+            d["select_rows"] = tuple(d["select_rows"])
         return cls(**d)
 
     @property
@@ -163,14 +177,76 @@ def _read_history(history_csv: Path) -> list[dict]:
         return list(csv.DictReader(fh))
 
 
+SELECT_KEY = "val_robust_auc"
+
+
 def _best_val_auc(history_csv: Path) -> float | None:
-    """Best validation AUC logged so far (a resumed run must beat it to checkpoint)."""
-    vals = [float(r["val_auc"]) for r in _read_history(history_csv) if r.get("val_auc")]
+    """Best selection score logged so far (a resumed run must beat it to checkpoint)."""
+    vals = [float(r[SELECT_KEY]) for r in _read_history(history_csv) if r.get(SELECT_KEY)]
     return max(vals) if vals else None
 
 
-def _fit(cfg: TrainConfig, run_dir: Path, strategy, train_s, val_ds, history_csv: Path,
-         resume: bool, on_epoch) -> float:
+def _make_select_callback(keras, run_dir: Path, select_sets: dict, decay: float,
+                          best_so_far: float | None, batch_size: int):
+    """EMA of the weights, and checkpoint selection on the worst AUC over shifted validation.
+
+    After every epoch the averaged weights (or the raw ones with ``decay`` 0)
+    predict each validation set in ``select_sets`` (name -> (inputs, labels));
+    their AUCs go into the logs as ``val_<name>_auc``, the smallest as
+    ``val_robust_auc``, and ``best.keras`` is written with those weights when it
+    improves. On resume the average restarts from the restored weights.
+    """
+    import tensorflow as tf
+
+    from pneumo_edge.metrics import roc_auc
+
+    class SelectCallback(keras.callbacks.Callback):
+        def on_train_begin(self, logs=None):
+            self.best = best_so_far
+            self.steps = 0
+            self.vars = [getattr(w, "value", w) for w in self.model.weights]
+            self.ema = [tf.Variable(v.read_value(), trainable=False) for v in self.vars] \
+                if decay else []
+
+            @tf.function
+            def update(d):
+                for e, v in zip(self.ema, self.vars):
+                    e.assign(d * e + (1.0 - d) * tf.cast(v, e.dtype))
+            self._update = update
+
+        def on_train_batch_end(self, batch, logs=None):
+            if decay:
+                self.steps += 1
+                # short warm-up: the average does not remember the random init
+                self._update(tf.constant(min(decay, (1.0 + self.steps) / (10.0 + self.steps)),
+                                         tf.float32))
+
+        def on_epoch_end(self, epoch, logs=None):
+            raw = [v.read_value() for v in self.vars] if decay else []
+            for e, v in zip(self.ema, self.vars):
+                v.assign(tf.cast(e, v.dtype))
+            try:
+                aucs = {}
+                for name, (x, y) in select_sets.items():
+                    p = self.model.predict(x, batch_size=batch_size, verbose=0).reshape(-1)
+                    aucs[name] = roc_auc(y, p) or 0.0
+                    if logs is not None:
+                        logs[f"val_{name}_auc"] = aucs[name]
+                score = min(aucs.values())
+                if logs is not None:
+                    logs[SELECT_KEY] = score
+                if self.best is None or score > self.best:
+                    self.best = score
+                    self.model.save(run_dir / "best.keras")
+            finally:
+                for r, v in zip(raw, self.vars):
+                    v.assign(r)
+
+    return SelectCallback()
+
+
+def _fit(cfg: TrainConfig, run_dir: Path, strategy, train_s, val_ds, select_sets: dict,
+         history_csv: Path, resume: bool, on_epoch) -> float:
     """Build, compile and fit the model with its callbacks; returns the seconds spent."""
     import keras
 
@@ -216,12 +292,11 @@ def _fit(cfg: TrainConfig, run_dir: Path, strategy, train_s, val_ds, history_csv
 
     callbacks = [
         keras.callbacks.BackupAndRestore(str(run_dir / "backup")),
-        keras.callbacks.ModelCheckpoint(str(run_dir / "best.keras"), monitor="val_auc",
-                                        mode="max", save_best_only=True,
-                                        initial_value_threshold=best_so_far),
-        keras.callbacks.EarlyStopping(monitor="val_auc", mode="max", patience=cfg.patience,
-                                      restore_best_weights=False),
         _LogEpoch(),
+        _make_select_callback(keras, run_dir, select_sets, cfg.ema_decay, best_so_far,
+                              cfg.batch_size),
+        keras.callbacks.EarlyStopping(monitor=SELECT_KEY, mode="max", patience=cfg.patience,
+                                      restore_best_weights=False),
         keras.callbacks.CSVLogger(str(history_csv), append=resume),
         _Report(),
     ]
@@ -240,6 +315,31 @@ def _fit(cfg: TrainConfig, run_dir: Path, strategy, train_s, val_ds, history_csv
             f"interrupted; resume with: pneumo-edge train --out {run_dir} --resume") from None
     return time.perf_counter() - t0
 
+
+
+def _calibrate(model, run_dir: Path, cfg: TrainConfig, x_val, y_val) -> dict:
+    """Fit a temperature and bias on clean validation and fold them into the output layer.
+
+    sigmoid((w.x + b) / T + c) = sigmoid((w / T).x + b / T + c): the exported graph
+    then carries calibrated probabilities and the runtime does not change. AUC
+    and ranking are unchanged (the threshold is chosen afterwards, on the new
+    probabilities). The bias c undoes the prior that class weights put into the
+    logits. ``best.keras`` is rewritten; re-evaluating a finished run fits again
+    on the folded model, finds T close to 1 and c close to 0, and leaves it.
+    """
+    from .models import OUTPUT_NAME
+
+    p = model.predict(x_val, batch_size=cfg.batch_size, verbose=0).reshape(-1)
+    t, c = fit_platt(y_val, p)
+    if abs(np.log(t)) > 0.01 or abs(c) > 0.01:
+        dense = model.get_layer(OUTPUT_NAME)
+        kernel, bias = dense.get_weights()
+        dense.set_weights([kernel / t, bias / t + c])
+        model.save(run_dir / "best.keras")
+    return {"temperature": round(t, 4), "bias": round(c, 4),
+            "ece_before": round(expected_calibration_error(y_val, p), 4),
+            "ece_after": round(expected_calibration_error(y_val, apply_temperature(p, t, c)), 4),
+            "fitted_on": "clean validation (log-loss, Platt scaling)", "bins": 15}
 
 
 def train(cfg: TrainConfig, *, resume: bool = False,
@@ -303,23 +403,43 @@ def train(cfg: TrainConfig, *, resume: bool = False,
     x_val, y_val = load_arrays(val_s, pre)
     val_ds = make_dataset(x_val, y_val, pre, batch_size=cfg.batch_size, training=False,
                           seed=cfg.seed)
+
+    def val_inputs(row: str):
+        x = x_val if row == "clean" else load_arrays(val_s, pre, row)[0]
+        return to_model_input_np(x, pre)
+
+    select_sets = {row: (val_inputs(row), y_val) for row in cfg.select_rows}
     history_csv = run_dir / "history.csv"
     # resuming a finished run re-evaluates its best checkpoint (e.g. a new threshold rule)
     finished = (resume and (run_dir / "val_metrics.json").exists()
                 and not (run_dir / "backup").exists())
-    seconds = 0.0 if finished else _fit(cfg, run_dir, strategy, train_s, val_ds, history_csv,
-                                        resume, on_epoch)
+    seconds = 0.0 if finished else _fit(cfg, run_dir, strategy, train_s, val_ds, select_sets,
+                                        history_csv, resume, on_epoch)
 
     previous = (json.loads((run_dir / "val_metrics.json").read_text())
                 if resume and (run_dir / "val_metrics.json").exists() else {})
     best = keras.models.load_model(run_dir / "best.keras")
-    probs = best.predict(val_ds, verbose=0).reshape(-1)
-    threshold, rule = choose_threshold(y_val, probs, cfg.target_sensitivity)
+    calibration = _calibrate(best, run_dir, cfg, val_inputs("clean"), y_val) \
+        if cfg.calibrate else {}
+    rows = {"clean": val_inputs("clean")}
+    if cfg.threshold_rule == "robust" and cfg.target_sensitivity is None:
+        from pneumo_edge.robustness import ZOOM_ROWS
+        rows |= {row: val_inputs(row) for row in ZOOM_ROWS}
+    by_row = {row: best.predict(x, batch_size=cfg.batch_size, verbose=0).reshape(-1)
+              for row, x in rows.items()}
+    probs = by_row["clean"]
+    if len(by_row) > 1:
+        threshold, rule = choose_threshold_robust(y_val, by_row)
+    else:
+        threshold, rule = choose_threshold(y_val, probs, cfg.target_sensitivity)
     metrics = binary_metrics(y_val, probs, threshold).to_dict()
+    shifted = {row: binary_metrics(y_val, p, threshold).to_dict() for row, p in by_row.items()
+               if row != "clean"}
     rows = _read_history(history_csv)
-    aucs = [float(r["val_auc"]) for r in rows]
+    aucs = [float(r.get(SELECT_KEY) or r["val_auc"]) for r in rows]
     best_epoch = int(rows[int(np.argmax(aucs))]["epoch"]) + 1
     val = {"threshold": threshold, "threshold_rule": rule, "metrics": metrics,
+           "shifted_metrics": shifted, "calibration": calibration,
            "best_epoch": best_epoch, "epochs_run": len(rows), "n_val": len(val_s),
            "n_val_patients": len({s.patient for s in val_s}),
            "train_seconds": round(previous.get("train_seconds", 0.0) + seconds, 1)}
