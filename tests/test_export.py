@@ -193,3 +193,63 @@ def test_benchmark_keras_row_first(exported, run_dir, tmp_path):
     # same model, same images, same threshold: the same clinical numbers
     assert rows[1]["metrics"]["auc"] == pytest.approx(rows[0]["metrics"]["auc"], abs=1e-4)
     assert rows[1]["metrics"]["tp"] == rows[0]["metrics"]["tp"]
+
+
+def test_cam_and_ood_outputs(exported, run_dir):
+    import keras
+
+    from pneumo_edge.preprocess import load_image
+    from training.data import read_split
+    from training.heads import cam_reference, feature_model
+
+    out, result = exported
+    _, val = read_split(run_dir / "split.csv")
+    x = np.stack([load_image(s.path, load_model(result.files[0].path).preprocess)
+                  for s in val[:8]])
+    src = keras.models.load_model(run_dir / "best.keras", compile=False)
+    _, fmap = feature_model(src).predict(x, verbose=0)
+    kernel, bias = src.get_layer("pneumonia_prob").get_weights()
+    ref = cam_reference(fmap, kernel, bias)
+    for r in result.files:
+        meta, _, outputs = read_metadata(r.path)
+        assert [o["name"] for o in outputs] == ["pneumonia_prob", "cam", "ood"]
+        assert [o["name"] for o in meta["outputs"]] == ["pneumonia_prob", "cam", "ood"]
+        assert meta["ood"]["threshold"] > 0 and "percentile" in meta["ood"]["threshold_rule"]
+        assert 0.0 <= meta["ood"]["val_flag_rate"] <= 1.0
+        model = load_model(r.path, device="cpu")
+        assert model.has_cam and model.ood_threshold == pytest.approx(meta["ood"]["threshold"])
+        got = model.run_all(x)
+        assert got["cam"].shape == ref.shape and got["ood"].shape == (8,)
+        tol = 1e-3 if r.precision == "fp32" else 0.5
+        assert np.max(np.abs(got["cam"] - ref)) < tol, r.precision
+        hp = meta["heads_parity"]
+        if r.precision == "fp32":
+            assert hp["cam_max_abs_diff_vs_keras"] < 1e-3
+        assert -1.0 <= hp["cam_mean_correlation_vs_fp32"] <= 1.0
+
+
+def test_robustness_suite_in_metadata(exported):
+    out, result = exported
+    meta = {r.precision: read_metadata(r.path)[0] for r in result.files}
+    rows = [row["perturbation"] for row in meta["fp32"]["robustness"]["rows"]]
+    assert rows[0] == "clean" and "zoom_out_10" in rows and len(rows) == 16
+    int8 = meta["int8"]["robustness"]
+    assert set(int8["agreement_with_fp32"]) == set(rows)
+    assert int8["min_agreement_with_fp32"] == min(int8["agreement_with_fp32"].values())
+    assert meta["int8"]["calibration"]["shifted"] is True
+    clean = meta["fp32"]["robustness"]["rows"][0]
+    assert clean["auc"] == pytest.approx(meta["fp32"]["val_metrics"]["auc"], abs=1e-9)
+
+
+def test_default_rule_needs_int8_to_hold_up_under_shift():
+    from training.export import PrecisionResult, choose_default
+
+    def int8(loss, agree):
+        return PrecisionResult("int8", Path("m_int8.onnx"), 1, 0.0, 1.0, {"auc": 0.98},
+                               {"robustness": {"max_auc_loss_vs_fp32": loss,
+                                               "min_agreement_with_fp32": agree}})
+
+    fp32 = PrecisionResult("fp32", Path("m_fp32.onnx"), 1, 0.0, 1.0, {"auc": 0.98})
+    assert choose_default([fp32, int8(0.004, 0.995)]).precision == "int8"
+    assert choose_default([fp32, int8(0.006, 0.995)]).precision == "fp32"
+    assert choose_default([fp32, int8(0.001, 0.985)]).precision == "fp32"

@@ -1,0 +1,159 @@
+"""Graph heads added at export: ``cam`` (class activation map) and ``ood`` (Mahalanobis).
+
+Both read tensors the classifier computes anyway, so they cost one 1x1
+projection of the last feature map and one small matrix product:
+
+- ``cam``: the output layer's weights and bias applied at every position of the
+  last convolution stage's feature map, (N, h, w) logits. Because the model
+  ends in global average pooling and one dense unit, the mean of the map is
+  exactly the logit of P(PNEUMONIA): the map is the decision, spread in space,
+  with no gradients (Zhou et al. 2016, "Learning Deep Features for
+  Discriminative Localization").
+- ``ood``: the Mahalanobis distance (N, 1) of the pooled features from their
+  mean on training-split images, with a Ledoit-Wolf shrinkage covariance (the
+  features are 512-dimensional and partly degenerate). Whitening matrix and
+  mean are graph constants; the threshold is a percentile of held-out
+  training-split distances, stored in the metadata.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+CAM_NAME = "cam"
+OOD_NAME = "ood"
+GAP_LAYER = "gap"
+
+
+@dataclass
+class OodFit:
+    mean: np.ndarray        # (d,)
+    whiten: np.ndarray      # (d, d), symmetric: Sigma^(-1/2)
+    shrinkage: float
+    n_fit: int
+
+    def distance(self, features: np.ndarray) -> np.ndarray:
+        z = (np.asarray(features, np.float64) - self.mean) @ self.whiten
+        return np.sqrt(np.sum(z * z, axis=1))
+
+
+def ledoit_wolf(x: np.ndarray) -> tuple[np.ndarray, float]:
+    """Shrinkage covariance of the rows of ``x`` (Ledoit & Wolf 2004): (cov, shrinkage)."""
+    x = np.asarray(x, np.float64)
+    n, d = x.shape
+    xc = x - x.mean(axis=0)
+    emp = xc.T @ xc / n
+    mu = np.trace(emp) / d
+    x2 = xc ** 2
+    beta = (np.sum(x2.T @ x2) / n - np.sum(emp ** 2)) / (d * n)
+    delta = np.sum((emp - mu * np.eye(d)) ** 2) / d
+    shrink = 1.0 if delta <= 0 else float(min(beta, delta) / delta)
+    return (1.0 - shrink) * emp + shrink * mu * np.eye(d), shrink
+
+
+def fit_ood(features: np.ndarray) -> OodFit:
+    """Mean and whitening matrix of pooled training features."""
+    cov, shrink = ledoit_wolf(features)
+    vals, vecs = np.linalg.eigh(cov)
+    vals = np.maximum(vals, vals.max() * 1e-9)
+    whiten = (vecs * (1.0 / np.sqrt(vals))) @ vecs.T
+    return OodFit(np.asarray(features, np.float64).mean(axis=0), whiten, shrink, len(features))
+
+
+def has_heads_support(model) -> bool:
+    """Our builders' models: global average pooling named ``gap``, one sigmoid unit."""
+    from .models import OUTPUT_NAME
+
+    names = {layer.name for layer in model.layers}
+    return GAP_LAYER in names and OUTPUT_NAME in names
+
+
+def feature_model(model):
+    """The model up to the pooled features and the last feature map: (pooled, fmap)."""
+    import keras
+
+    gap = model.get_layer(GAP_LAYER)
+    return keras.Model(model.inputs, [gap.output, gap.input])
+
+
+def with_heads(model, ood: OodFit):
+    """A three-output model: probability, ``cam`` (N, h, w) and ``ood`` (N, 1)."""
+    import keras
+
+    from .models import OUTPUT_NAME
+
+    gap = model.get_layer(GAP_LAYER)
+    fmap, pooled = gap.input, gap.output
+    kernel, bias = model.get_layer(OUTPUT_NAME).get_weights()
+    h, w = int(fmap.shape[1]), int(fmap.shape[2])
+    cam_dense = keras.layers.Dense(1, name="cam_logits", dtype="float32")
+    cam = keras.layers.Reshape((h, w), name=CAM_NAME)(cam_dense(fmap))
+    d = int(pooled.shape[-1])
+    whiten = keras.layers.Dense(d, name="ood_whiten", dtype="float32")
+    z = whiten(pooled)
+    dist = _Norm(name=OOD_NAME)(z)
+    headed = keras.Model(model.inputs, [model.outputs[0], cam, dist], name=model.name)
+    cam_dense.set_weights([kernel.astype(np.float32), bias.astype(np.float32)])
+    whiten.set_weights([ood.whiten.astype(np.float32),
+                        (-ood.mean @ ood.whiten).astype(np.float32)])
+    return headed
+
+
+def _norm_layer():
+    import keras
+
+    class Norm(keras.layers.Layer):
+        """Euclidean norm over the last axis, keeping it: (N, d) -> (N, 1)."""
+
+        def call(self, x):
+            return keras.ops.sqrt(keras.ops.sum(keras.ops.square(x), axis=-1, keepdims=True))
+
+    return Norm
+
+
+def _Norm(**kwargs):
+    return _norm_layer()(**kwargs)
+
+
+def _ancestors(proto, output: str) -> set[str]:
+    producer = {o: n for n in proto.graph.node for o in n.output}
+    seen: set[str] = set()
+    stack = [output]
+    while stack:
+        node = producer.get(stack.pop())
+        if node is None or node.name in seen:
+            continue
+        seen.add(node.name)
+        stack.extend(node.input)
+    return seen
+
+
+def head_nodes(proto, prob_output: str) -> list[str]:
+    """Names of the ONNX nodes that only the heads need (not ancestors of the probability).
+
+    Kept out of INT8 quantisation: the distance sums 512 squared whitened
+    features, which 8-bit steps do not hold, and the map stays exact.
+    """
+    needed = _ancestors(proto, prob_output)
+    return [n.name for n in proto.graph.node if n.name not in needed]
+
+
+def ood_only_nodes(proto) -> list[str]:
+    """Nodes only the ``ood`` output needs: kept in float32 in the FP16 model (half
+    precision overflows on the squared distances of far-away inputs)."""
+    names = [o.name for o in proto.graph.output]
+    if OOD_NAME not in names:
+        return []
+    others: set[str] = set()
+    for name in names:
+        if name != OOD_NAME:
+            others |= _ancestors(proto, name)
+    return [n for n in _ancestors(proto, OOD_NAME) if n not in others]
+
+
+def cam_reference(fmap: np.ndarray, kernel: np.ndarray, bias: np.ndarray) -> np.ndarray:
+    """numpy CAM: (N, h, w, C) feature maps, dense (C, 1) and (1,) -> (N, h, w) logits."""
+    return (np.asarray(fmap, np.float64) @ np.asarray(kernel, np.float64))[..., 0] + float(
+        np.asarray(bias).reshape(-1)[0])
