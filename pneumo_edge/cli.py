@@ -13,6 +13,7 @@ from typing import Annotated, Optional
 import typer
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from . import __version__
 
@@ -35,8 +36,19 @@ class Device(str, Enum):
     cuda = "cuda"
 
 
+_CONTROL = {c: f"\\x{c:02x}" for c in (*range(0x20), *range(0x7f, 0xa0))}
+
+
+def plain(value: object) -> Text:
+    """A user-controlled string shown literally: no markup, control characters escaped,
+    bytes that are not UTF-8 shown as \\udcXX."""
+    text = str(value).encode("utf-8", "backslashreplace").decode("utf-8")
+    return Text(text.translate(_CONTROL))
+
+
 def _fail(message: str, code: int = EXIT_USAGE) -> "typer.Exit":
-    err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    err.print(Text("error: ", style="bold red") + plain(message), highlight=False,
+              soft_wrap=True)
     return typer.Exit(code)
 
 
@@ -73,7 +85,12 @@ def train(
     label_smoothing: Annotated[float, typer.Option(min=0.0, max=0.5)] = 0.05,
     augment: Annotated[bool, typer.Option(help="All augmentation on/off.")] = True,
     flip: Annotated[bool, typer.Option(help="Random horizontal flip.")] = True,
-    intensity: Annotated[bool, typer.Option(help="Brightness/contrast/gamma jitter.")] = True,
+    intensity: Annotated[bool, typer.Option(help="Brightness/contrast/gamma/noise/resample jitter.")] = True,
+    crop_area: Annotated[float, typer.Option(min=0.05, max=1.0, help="Random-resized crops keep at least this share of the area.")] = 0.40,
+    zoom_out: Annotated[float, typer.Option(min=0.0, max=2.0, help="Zoom-out range: the image shrinks to 1/(1+Z) of its side in a black border.")] = 0.40,
+    ema_decay: Annotated[float, typer.Option(min=0.0, max=0.99999, help="Weight averaging (EMA) decay per step; 0 turns it off.")] = 0.998,
+    threshold_rule: Annotated[str, typer.Option(help="robust (worst zoom row of validation) or clean.")] = "robust",
+    calibrate: Annotated[bool, typer.Option(help="Fit a temperature on validation and fold it into the model.")] = True,
     class_balance: Annotated[bool, typer.Option(help="Class weights from training frequencies.")] = True,
     max_images: Annotated[Optional[int], typer.Option(min=4, help="Random subset, for quick trials.")] = None,
     strategy: Annotated[str, typer.Option(help="auto, mirrored or default.")] = "auto",
@@ -88,14 +105,17 @@ def train(
     except ImportError as exc:
         raise _fail(f"training needs the train extra (pip install 'pneumo-edge[train]'): {exc}")
 
-    aug = AugmentConfig()
+    if threshold_rule not in ("robust", "clean"):
+        raise _fail(f"--threshold-rule must be robust or clean, got {threshold_rule!r}")
+    aug = AugmentConfig(crop_area=crop_area, zoom_out=zoom_out)
     if not augment:
-        aug = AugmentConfig(flip=False, zoom=0, rotation=0, shift=0, brightness=0, contrast=0, gamma=0)
+        aug = AugmentConfig.off()
     else:
         if not flip:
             aug = AugmentConfig(**(aug.to_dict() | {"flip": False}))
         if not intensity:
-            aug = AugmentConfig(**(aug.to_dict() | {"brightness": 0, "contrast": 0, "gamma": 0}))
+            aug = AugmentConfig(**(aug.to_dict() | {"brightness": 0, "contrast": 0, "gamma": 0,
+                                                    "noise": 0, "lowres": 0}))
     if epochs is None and not resume:
         epochs = 30
     cfg = TrainConfig(data=str(data), out=str(out), arch=arch, img_size=img_size, epochs=epochs,
@@ -103,13 +123,15 @@ def train(
                       label_smoothing=label_smoothing, schedule=schedule, patience=patience,
                       val_fraction=val_fraction, seed=seed, target_sensitivity=target_sensitivity,
                       augment=aug, class_balance=class_balance, max_images=max_images,
-                      strategy=strategy)
+                      strategy=strategy, ema_decay=ema_decay, threshold_rule=threshold_rule,
+                      calibrate=calibrate)
 
     def on_epoch(epoch: int, logs: dict) -> None:
         console.print(
             f"epoch {epoch + 1:>3}  loss {logs.get('loss', float('nan')):.4f}  "
             f"auc {logs.get('auc', float('nan')):.4f}  val_loss {logs.get('val_loss', float('nan')):.4f}  "
-            f"val_auc {logs.get('val_auc', float('nan')):.4f}  lr {logs.get('learning_rate', 0):.2e}  "
+            f"val_auc {logs.get('val_auc', float('nan')):.4f}  "
+            f"robust {logs.get('val_robust_auc', float('nan')):.4f}  lr {logs.get('learning_rate', 0):.2e}  "
             f"{logs.get('epoch_seconds', 0):.0f} s",
             highlight=False)
 
@@ -206,6 +228,26 @@ def _resolve_model(model: Optional[Path]) -> Path:
     return found
 
 
+class FlaggedAs(str, Enum):
+    warn = "warn"
+    fail = "fail"
+
+
+def _check_out(out: Path) -> None:
+    """Refuse an unusable --out before any inference (exit 2)."""
+    import os
+
+    probe = out
+    while not probe.exists():
+        if probe.parent == probe:
+            break
+        probe = probe.parent
+    if probe.exists() and not probe.is_dir():
+        raise _fail(f"--out {out}: {probe} is a file, not a folder")
+    if probe.exists() and not os.access(probe, os.W_OK | os.X_OK):
+        raise _fail(f"--out {out}: {probe} is not writable")
+
+
 @app.command()
 def predict(
     paths: Annotated[list[Path], typer.Argument(help="Image files and/or folders (recursive).")],
@@ -217,6 +259,8 @@ def predict(
     threads: Annotated[Optional[int], typer.Option(min=1, help="onnxruntime intra-op threads (default: physical cores).")] = None,
     workers: Annotated[Optional[int], typer.Option(min=1, help="Decoding threads.")] = None,
     threshold: Annotated[Optional[float], typer.Option(min=0.0, max=1.0, help="Override the model's decision threshold.")] = None,
+    heatmaps: Annotated[Optional[Path], typer.Option(help="Write a heatmap overlay PNG per image here (models with a cam output).")] = None,
+    flagged_as: Annotated[FlaggedAs, typer.Option(help="warn: flagged images (input checks, out of distribution) keep their prediction with warnings; fail: they become failures.")] = FlaggedAs.warn,
     show: Annotated[int, typer.Option(min=0, help="Rows of per-image results to print when files are written (all are in predictions.csv).")] = 20,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or per-image table.")] = False,
 ):
@@ -227,61 +271,86 @@ def predict(
     """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
 
-    from .images import collect_images
+    from .images import collect_labelled
     from .predict import predict_paths
     from .report import DISCLAIMER, write_predictions_csv, write_report
     from .runtime import ModelError, load_model
 
     try:
-        files = collect_images(paths)
+        items = collect_labelled(paths)
     except FileNotFoundError as exc:
         raise _fail(str(exc))
-    if not files:
+    if not items:
         raise _fail(f"no image files found in {', '.join(map(str, paths))}")
+    files, truths = [i[0] for i in items], [i[1] for i in items]
+    if report and out is None:
+        out = Path("pneumo_edge_report")
+    for folder in (out, heatmaps):
+        if folder is not None:
+            _check_out(folder)
     model_path = _resolve_model(model)
     try:
         loaded = load_model(model_path, device=device.value, threads=threads)
     except ModelError as exc:
         raise _fail(str(exc))
-    if report and out is None:
-        out = Path("pneumo_edge_report")
+    if heatmaps is not None and not loaded.has_cam:
+        err.print(plain(f"note: {model_path} has no cam output; no heatmaps are written "
+                        "(re-export the model to add it)"), style="yellow")
+    err.print(plain(f"model: {model_path} ({loaded.precision}, {loaded.provider})"),
+              style="dim", highlight=False)
 
-    if quiet or len(files) < 2:
-        run = predict_paths(loaded, files, batch_size=batch_size, workers=workers,
-                            threshold=threshold)
-    else:
-        with Progress("[progress.description]{task.description}", BarColumn(),
-                      MofNCompleteColumn(), TimeRemainingColumn(), console=err,
-                      transient=True) as bar:
-            task = bar.add_task("predicting", total=len(files))
-            run = predict_paths(loaded, files, batch_size=batch_size, workers=workers,
-                                threshold=threshold,
-                                progress=lambda n: bar.update(task, completed=n))
+    kwargs = dict(batch_size=batch_size, workers=workers, threshold=threshold, truths=truths,
+                  flagged_as=flagged_as.value,
+                  heatmap_dir=heatmaps if loaded.has_cam else None)
+    try:
+        if quiet or len(files) < 2:
+            run = predict_paths(loaded, files, **kwargs)
+        else:
+            with Progress("[progress.description]{task.description}", BarColumn(),
+                          MofNCompleteColumn(), TimeRemainingColumn(), console=err,
+                          transient=True) as bar:
+                task = bar.add_task("predicting", total=len(files))
+                run = predict_paths(loaded, files, progress=lambda n: bar.update(task, completed=n),
+                                    **kwargs)
+    except ModelError as exc:
+        raise _fail(str(exc))
+    except KeyboardInterrupt:
+        raise _fail("interrupted; nothing written for this run", EXIT_INTERRUPTED)
 
     written = {}
     if out is not None:
-        written = write_report(run, out) if report else {"csv": write_predictions_csv(run, out)}
+        try:
+            written = write_report(run, out) if report else {"csv": write_predictions_csv(run, out)}
+        except OSError as exc:
+            raise _fail(f"--out {out}: could not write the report ({exc.strerror or exc}); "
+                        "earlier report files were left as they were")
 
     if not quiet:
         limit = len(run.predictions) if out is None else show
         table = Table(title=f"predictions ({len(run.predictions)})", title_justify="left")
-        for col in ("file", "P(PNEUMONIA)", "label", "truth"):
+        for col in ("file", "P(PNEUMONIA)", "label", "truth", "OOD", "flags"):
             table.add_column(col, overflow="fold")
         for p in run.predictions[:limit]:
             wrong = p.truth is not None and p.truth != p.label
             style = "red" if wrong else None
-            table.add_row(p.path, f"{p.probability:.4f}", p.label, p.truth or "", style=style)
+            table.add_row(plain(p.path), f"{p.probability:.4f}", p.label, p.truth or "",
+                          "" if p.ood_score is None else f"{p.ood_score:.1f}",
+                          plain("; ".join(p.warnings)), style=style)
         if run.predictions:
             console.print(table)
         if limit < len(run.predictions):
-            console.print(f"[dim]showing {limit} of {len(run.predictions)}; "
-                          f"all rows are in {written['csv']}[/]")
+            console.print(Text(f"showing {limit} of {len(run.predictions)}; all rows are in ",
+                               style="dim") + plain(written["csv"]))
     for f in run.failures:
-        err.print(f"[red]failed:[/] {f.path}: {f.error}", highlight=False, soft_wrap=True)
+        err.print(Text("failed: ", style="red") + plain(f"{f.path}: {f.error}"),
+                  highlight=False, soft_wrap=True)
     _print_summary(run)
     for path in written.values():
-        console.print(f"wrote {path}", highlight=False)
-    console.print(f"[dim]{DISCLAIMER}[/]")
+        console.print(Text("wrote ") + plain(path), highlight=False)
+    if run.heatmaps:
+        console.print(Text(f"wrote {len(run.heatmaps)} heatmaps to ") + plain(heatmaps),
+                      highlight=False)
+    console.print(Text(DISCLAIMER, style="dim"))
     if run.failures:
         raise typer.Exit(EXIT_SOME_FAILED)
 
@@ -289,9 +358,12 @@ def predict(
 def _print_summary(run) -> None:
     lat = run.latency_ms
     table = Table(title="summary", show_header=False, title_justify="left")
-    table.add_row("model", f"{run.model['path']} ({run.model['precision']}, {run.model['provider']})")
+    table.add_row("model", plain(f"{run.model['path']} ({run.model['precision']}, "
+                                 f"{run.model['provider']})"))
     table.add_row("threshold", f"{run.model['threshold']:.4f}")
     table.add_row("images", f"{run.n_images} ({len(run.predictions)} predicted, {len(run.failures)} failed)")
+    table.add_row("flagged", f"{run.n_flagged} (input checks or out of distribution; "
+                             f"--flagged-as {run.flagged_as})")
     m = run.metrics
     if m is not None:
         table.add_row("labelled", str(m.n_labelled))
@@ -331,6 +403,105 @@ def info(model: Annotated[Path, typer.Argument(help="An exported ONNX model.")])
         text = _json.dumps(value) if isinstance(value, (dict, list)) else str(value)
         table.add_row(key, text)
     console.print(table)
+
+
+@app.command()
+def robustness(
+    source: Annotated[Path, typer.Argument(help="An exported ONNX model, or a run folder from `train` (needs TensorFlow).")],
+    data: Annotated[Optional[Path], typer.Option(help="Labelled folder (NORMAL/, PNEUMONIA/) [default for a run folder: its validation split].")] = None,
+    split: Annotated[Optional[Path], typer.Option(help="A val_split.csv or split.csv listing the files (paths relative to --root).")] = None,
+    root: Annotated[Optional[Path], typer.Option(help="Folder the --split paths are relative to [default: the CSV's folder].")] = None,
+    reference: Annotated[Optional[Path], typer.Option(help="A second ONNX model (e.g. FP32) to measure label agreement against, per row.")] = None,
+    rows: Annotated[Optional[str], typer.Option(help="Comma-separated perturbations [default: all].")] = None,
+    max_images: Annotated[Optional[int], typer.Option(min=2, help="At most N images (seeded, stratified by order).")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="Write robustness.json here [default for a run folder: the run folder].")] = None,
+    device: Annotated[Device, typer.Option()] = Device.auto,
+):
+    """Re-run labelled X-rays under fixed perturbations (zoom, shift, rotation, gamma, blur,
+    noise, JPEG, resampling): AUC, sensitivity, specificity, |dp| and flipped labels per row."""
+    import json as _json
+
+    from .report import atomic_write
+    from .robustness import PERTURBATIONS, labelled_files, read_split_csv, run_suite
+    from .runtime import ModelError, load_model
+
+    names = [r.strip() for r in rows.split(",") if r.strip()] if rows else list(PERTURBATIONS)
+    unknown = [n for n in names if n not in PERTURBATIONS]
+    if unknown:
+        raise _fail(f"unknown perturbation {unknown[0]!r}; choose from {', '.join(PERTURBATIONS)}")
+    is_run = source.is_dir()
+    if not source.exists():
+        raise _fail(f"{source}: no such model file or run folder")
+    files = labels = None
+    try:
+        if split is not None:
+            if not split.is_file():
+                raise _fail(f"{split}: no such file")
+            files, labels = read_split_csv(split, root)
+        elif data is not None:
+            if not data.is_dir():
+                raise _fail(f"{data}: no such folder")
+            files, labels = labelled_files(data)
+        if is_run:
+            try:
+                from training.evaluate import record_worst, run_predictor
+            except ImportError as exc:
+                raise _fail(f"a run folder needs the train extra (pip install 'pneumo-edge[train]'): {exc}")
+            predict, cfg, thr, vf, vl = run_predictor(source)
+            if files is None:
+                files, labels = vf, vl
+        else:
+            model = load_model(source, device=device.value)
+            predict, cfg, thr = model.run, model.preprocess, model.threshold
+    except (ModelError, FileNotFoundError, KeyError, ValueError) as exc:
+        raise _fail(str(exc))
+    if not files:
+        raise _fail("no labelled images: give --data DIR (NORMAL/, PNEUMONIA/) or --split CSV")
+    if max_images and len(files) > max_images:
+        import numpy as _np
+        keep = _np.sort(_np.random.default_rng(0).permutation(len(files))[:max_images])
+        files, labels = [files[i] for i in keep], [labels[i] for i in keep]
+    say = lambda m: err.print(f"[dim]{m}[/]", highlight=False)
+    try:
+        result = run_suite(predict, cfg, files, labels, thr, perturbations=names,
+                           model_name=str(source), progress=say)
+        agreement = None
+        if reference is not None:
+            ref_model = load_model(reference, device=device.value)
+            ref = run_suite(ref_model.run, ref_model.preprocess, files, labels,
+                            ref_model.threshold, perturbations=names,
+                            model_name=str(reference), progress=say)
+            agreement = result.agreement_with(ref)
+    except (ModelError, ValueError) as exc:
+        raise _fail(str(exc))
+    table = Table(title=f"robustness of {source} on {len(result.labels)} images "
+                        f"(threshold {thr:.4f})", title_justify="left")
+    cols = ["perturbation", "AUC", "sens", "spec", "acc", "mean|Δp|", "flipped"]
+    cols += ["agree vs ref"] if agreement else []
+    for col in cols:
+        table.add_column(col, justify="left" if col == "perturbation" else "right")
+    fmt = lambda v, spec=".4f": "n/a" if v is None else format(v, spec)
+    for r in result.rows:
+        cells = [r.perturbation, fmt(r.auc), fmt(r.sensitivity), fmt(r.specificity),
+                 fmt(r.accuracy), fmt(r.mean_abs_dp), fmt(r.flipped, ".3f")]
+        if agreement:
+            cells.append(fmt(agreement.get(r.perturbation), ".4f"))
+        table.add_row(*cells)
+    console.print(table)
+    worst = result.worst()
+    console.print("worst: " + ", ".join(f"{k} {v['value']:.4f} ({v['row']})" for k, v in worst.items()),
+                  highlight=False, markup=False)
+    if result.n_failed:
+        console.print(f"{result.n_failed} files could not be decoded and were left out",
+                      highlight=False, markup=False)
+    payload = result.to_dict() | ({"reference": str(reference), "agreement": agreement}
+                                  if agreement else {})
+    target = out if out is not None else (source if is_run else None)
+    if target is not None:
+        atomic_write(Path(target) / "robustness.json", _json.dumps(payload, indent=2) + "\n")
+        console.print(f"wrote {Path(target) / 'robustness.json'}", highlight=False, markup=False)
+    if is_run:
+        record_worst(source, result)
 
 
 @app.command(context_settings={"allow_extra_args": True})

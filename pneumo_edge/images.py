@@ -20,6 +20,7 @@ __all__ = [
     "IMAGE_EXTENSIONS",
     "ImageDecodeError",
     "collect_images",
+    "collect_labelled",
     "decode_gray",
     "label_from_path",
     "sniff_format",
@@ -75,6 +76,32 @@ def collect_images(paths: Iterable[str | os.PathLike]) -> list[Path]:
     return [found[k] for k in sorted(found)]
 
 
+def collect_labelled(paths: Iterable[str | os.PathLike]) -> list[tuple[Path, str | None]]:
+    """Image files under ``paths`` with the ground truth their folders give.
+
+    Only folders at or below a given path label its files: ``predict
+    data/NORMAL`` labels every file NORMAL, while a folder named ``pneumonia``
+    above the given path never does, however the path was typed. A file named
+    directly is unlabelled. The same file reached twice (two spellings, a folder
+    and a file inside it) is kept once, with the label of its first mention.
+
+    Raises:
+        FileNotFoundError: if a given path does not exist.
+    """
+    found: dict[str, tuple[Path, str | None]] = {}
+    for raw in paths:
+        root = Path(raw)
+        for path in collect_images([root]):
+            key = os.path.realpath(path)
+            if key in found:
+                continue
+            truth = None
+            if root.is_dir():
+                truth = label_from_path(Path(root.resolve().name or "root") / path.relative_to(root))
+            found[key] = (path, truth)
+    return sorted(found.values(), key=lambda item: str(item[0]))
+
+
 def label_from_path(path: str | os.PathLike) -> str | None:
     """Ground truth from the nearest parent folder named NORMAL or PNEUMONIA."""
     for part in reversed(Path(path).parent.parts):
@@ -99,6 +126,12 @@ def sniff_format(head: bytes) -> str | None:
 
 def _jpeg_size(data: bytes) -> tuple[int, int] | None:
     """(height, width) from the first SOF marker, or None if not found."""
+    header = _jpeg_header(data)
+    return None if header is None else header[:2]
+
+
+def _jpeg_header(data: bytes) -> tuple[int, int, int] | None:
+    """(height, width, components) from the first SOF marker, or None if not found."""
     i = 2
     n = len(data)
     while i + 9 < n:
@@ -112,7 +145,7 @@ def _jpeg_size(data: bytes) -> tuple[int, int] | None:
         seg_len = struct.unpack(">H", data[i + 2:i + 4])[0]
         if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
             h, w = struct.unpack(">HH", data[i + 5:i + 9])
-            return h, w
+            return h, w, data[i + 9] if i + 9 < n else 1
         i += 2 + seg_len
     return None
 
@@ -142,7 +175,8 @@ def _reduction_for(size: tuple[int, int] | None, target: int | None) -> int:
     return 1
 
 
-def decode_gray(path: str | os.PathLike, target: int | None = None) -> np.ndarray:
+def decode_gray(path: str | os.PathLike, target: int | None = None,
+                info: dict | None = None) -> np.ndarray:
     """Decode an image file to a 2-D uint8 grayscale array.
 
     Colour and alpha are reduced to luminance, 16-bit images are mapped linearly
@@ -152,6 +186,10 @@ def decode_gray(path: str | os.PathLike, target: int | None = None) -> np.ndarra
         path: the file; any name, including non-ASCII characters and spaces.
         target: the longest side the caller will resize to. Large JPEGs are then
             decoded at 1/2, 1/4 or 1/8 scale, never below 1.5 times this size.
+        info: if given, filled with facts for the input checks: ``format``,
+            ``height`` and ``width`` of the stored image, and ``chroma`` (mean
+            max-min over the colour channels of a small colour decode; None for
+            greyscale files).
 
     Raises:
         ImageDecodeError: with a one-line reason, for anything not decodable.
@@ -178,6 +216,7 @@ def decode_gray(path: str | os.PathLike, target: int | None = None) -> np.ndarra
 
     flags = cv2.IMREAD_GRAYSCALE
     dims: tuple[int, int] | None = None
+    colour = True  # unknown formats: measure
     if fmt == "jpeg":
         blob = data.tobytes()
         # A JPEG cut short still "decodes" in libjpeg (grey bottom rows and a
@@ -185,12 +224,15 @@ def decode_gray(path: str | os.PathLike, target: int | None = None) -> np.ndarra
         eoi = blob.rfind(b"\xff\xd9")
         if eoi == -1 or eoi < blob.rfind(b"\xff\xda"):
             raise ImageDecodeError("truncated JPEG (no end-of-image marker after the last scan)")
-        dims = _jpeg_size(blob)
+        header = _jpeg_header(blob)
+        dims = header[:2] if header else None
+        colour = header is None or header[2] >= 3
         factor = _reduction_for(dims, target)
         if factor > 1:
             flags = _REDUCED_FLAGS[factor]
     elif fmt == "png":
         dims = _png_size(raw)
+        colour = len(raw) < 26 or raw[25] in (2, 3, 6)  # RGB, palette, RGBA
         flags = cv2.IMREAD_GRAYSCALE | cv2.IMREAD_ANYDEPTH
         if not data[-12:].tobytes().startswith(b"\x00\x00\x00\x00IEND"):
             raise ImageDecodeError("truncated PNG (no IEND chunk at the end)")
@@ -215,5 +257,23 @@ def decode_gray(path: str | os.PathLike, target: int | None = None) -> np.ndarra
         lo, hi = float(image.min()), float(image.max())
         scale = 255.0 / (hi - lo) if hi > lo else 0.0
         image = ((image.astype(np.float32) - lo) * scale + 0.5).astype(np.uint8)
+    if info is not None:
+        h, w = dims if dims is not None else image.shape[:2]
+        info.update(format=fmt, height=int(h), width=int(w),
+                    chroma=_chroma(data, fmt) if colour else None)
     return image
+
+
+def _chroma(data: np.ndarray, fmt: str) -> float | None:
+    """Mean (max - min) over B, G, R of a small colour decode: ~0 for a radiograph."""
+    flag = cv2.IMREAD_REDUCED_COLOR_8 if fmt == "jpeg" else cv2.IMREAD_REDUCED_COLOR_4
+    try:
+        bgr = cv2.imdecode(data, flag)
+    except cv2.error:
+        return None
+    if bgr is None or bgr.ndim != 3 or bgr.size == 0:
+        return None
+    if bgr.dtype != np.uint8:
+        bgr = (bgr.astype(np.float32) * (255.0 / max(float(bgr.max()), 1.0))).astype(np.uint8)
+    return float(np.mean(bgr.max(axis=2).astype(np.int16) - bgr.min(axis=2)))
 

@@ -1,8 +1,8 @@
 """The prediction pipeline: stream files through decoding threads into batched inference.
 
-Decoding and resizing (OpenCV releases the GIL) run in a small thread pool
-while the main thread runs the model; at most a few batches of decoded images
-exist at any time, so memory does not grow with the folder.
+Decoding, resizing and the input checks (OpenCV releases the GIL) run in a
+small thread pool while the main thread runs the model; at most a few batches
+of decoded images exist at any time, so memory does not grow with the folder.
 """
 
 from __future__ import annotations
@@ -17,12 +17,15 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from .images import ImageDecodeError, label_from_path
+from .images import ImageDecodeError, decode_gray, label_from_path
 from .metrics import BinaryMetrics, binary_metrics, latency_summary
-from .preprocess import load_image
+from .preprocess import resize_gray, to_model_input
+from .quality import input_warnings
 from .runtime import PneumoModel
 
-__all__ = ["Prediction", "Failure", "PredictionRun", "predict_paths"]
+__all__ = ["Prediction", "Failure", "PredictionRun", "predict_paths", "FLAGGED_AS"]
+
+FLAGGED_AS = ("warn", "fail")
 
 
 @dataclass(frozen=True)
@@ -32,6 +35,15 @@ class Prediction:
     label: str
     threshold: float
     truth: str | None
+    ood_score: float | None = None
+    in_distribution: bool | None = None
+    warnings: tuple[str, ...] = ()
+    #: class activation logits (h, w), float16, when the model has a ``cam`` output
+    cam: np.ndarray | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def flagged(self) -> bool:
+        return bool(self.warnings)
 
 
 @dataclass(frozen=True)
@@ -52,10 +64,17 @@ class PredictionRun:
     model_ms_per_image: list[float] = field(repr=False)
     metrics: BinaryMetrics | None
     model_meta: dict = field(default_factory=dict, repr=False)
+    heatmaps: dict[str, str] = field(default_factory=dict, repr=False)
+    flagged_as: str = "warn"
 
     @property
     def n_images(self) -> int:
         return len(self.predictions) + len(self.failures)
+
+    @property
+    def n_flagged(self) -> int:
+        return sum(p.flagged for p in self.predictions) + sum(
+            f.error.startswith(FLAG_PREFIX) for f in self.failures)
 
     @property
     def latency_ms(self) -> dict:
@@ -66,9 +85,16 @@ class PredictionRun:
         return len(self.predictions) / self.seconds if self.seconds > 0 else 0.0
 
 
+FLAG_PREFIX = "flagged: "
+
+
 def _decode(path: Path, model: PneumoModel):
+    """(model input, input-check warnings) or an ImageDecodeError."""
+    cfg = model.preprocess
     try:
-        return load_image(path, model.preprocess)
+        info: dict = {}
+        gray = decode_gray(path, target=max(cfg.height, cfg.width), info=info)
+        return to_model_input(resize_gray(gray, cfg), cfg), tuple(input_warnings(gray, info))
     except ImageDecodeError as exc:
         return exc
     except MemoryError:
@@ -79,60 +105,90 @@ def _decode(path: Path, model: PneumoModel):
 
 def predict_paths(model: PneumoModel, files: Sequence[Path], *, batch_size: int = 8,
                   workers: int | None = None, threshold: float | None = None,
+                  truths: Sequence[str | None] | None = None, flagged_as: str = "warn",
+                  heatmap_dir: str | os.PathLike | None = None,
                   progress: Callable[[int], None] | None = None) -> PredictionRun:
     """Predict every file; undecodable ones become :class:`Failure` records.
 
     Args:
         model: from :func:`pneumo_edge.runtime.load_model`.
-        files: image files in the order to report them (see ``collect_images``).
+        files: image files in the order to report them (see ``collect_labelled``).
         batch_size: images per model run.
         workers: decoding threads (default: CPU count, at most 8).
         threshold: override the model's threshold (default: the one in its metadata).
+        truths: ground truth per file (None: unlabelled); default: from the file's
+            folders (``label_from_path``).
+        flagged_as: ``warn`` keeps flagged images (input-check warnings or an OOD
+            score above the model's threshold) as predictions with their warnings;
+            ``fail`` turns them into failures with those reasons.
+        heatmap_dir: write an overlay PNG per prediction here (models with ``cam``).
         progress: called with the number of files finished after each batch.
     """
+    if flagged_as not in FLAGGED_AS:
+        raise ValueError(f"flagged_as must be one of {', '.join(FLAGGED_AS)}")
     thr = model.threshold if threshold is None else float(threshold)
+    ood_thr = model.ood_threshold
     workers = workers or min(8, os.cpu_count() or 2)
     window = batch_size * 2 + workers  # decoded images alive at once stays bounded
     predictions: list[Prediction] = []
     failures: list[Failure] = []
+    heatmaps: dict[str, str] = {}
     times: list[float] = []
     batch: list[np.ndarray] = []
-    batch_paths: list[Path] = []
+    batch_items: list[tuple[Path, str | None, tuple[str, ...]]] = []
+    if heatmap_dir is not None:
+        Path(heatmap_dir).mkdir(parents=True, exist_ok=True)
 
     def flush() -> None:
         if not batch:
             return
         t0 = time.perf_counter()
-        probs = model.run(np.stack(batch))
+        out = model.run_all(np.stack(batch))
         per_image = (time.perf_counter() - t0) * 1000.0 / len(batch)
         times.extend([per_image] * len(batch))
-        for p, prob in zip(batch_paths, probs):
+        for i, ((p, truth, warns), prob) in enumerate(zip(batch_items, out["prob"])):
             prob = float(prob)
-            predictions.append(Prediction(str(p), prob,
-                                          "PNEUMONIA" if prob >= thr else "NORMAL", thr,
-                                          label_from_path(p)))
+            ood = None if out["ood"] is None else float(out["ood"][i])
+            inside = None
+            if ood is not None:
+                inside = bool(np.isfinite(ood) and ood <= ood_thr)
+                if not inside:
+                    warns = warns + (f"out of distribution (OOD score {ood:.1f} > "
+                                     f"{ood_thr:.1f})",)
+                ood = ood if np.isfinite(ood) else None
+            if warns and flagged_as == "fail":
+                failures.append(Failure(str(p), FLAG_PREFIX + "; ".join(warns)))
+                continue
+            cam = None if out["cam"] is None else out["cam"][i].astype(np.float16)
+            pred = Prediction(str(p), prob, "PNEUMONIA" if prob >= thr else "NORMAL", thr, truth,
+                              ood, inside, warns, cam)
+            predictions.append(pred)
+            if heatmap_dir is not None and cam is not None:
+                heatmaps[pred.path] = _write_heatmap(Path(heatmap_dir), len(predictions) - 1,
+                                                     pred)
         batch.clear()
-        batch_paths.clear()
+        batch_items.clear()
 
+    labels = list(truths) if truths is not None else [label_from_path(f) for f in files]
     t_start = time.perf_counter()
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="decode") as pool:
-        pending: deque[tuple[Path, Future]] = deque()
-        it = iter(files)
-        for path in it:
-            pending.append((path, pool.submit(_decode, path, model)))
+        pending: deque[tuple[Path, str | None, Future]] = deque()
+        it = iter(zip(files, labels))
+        for path, truth in it:
+            pending.append((path, truth, pool.submit(_decode, path, model)))
             if len(pending) >= window:
                 break
         while pending:
-            path, fut = pending.popleft()
+            path, truth, fut = pending.popleft()
             nxt = next(it, None)
             if nxt is not None:
-                pending.append((nxt, pool.submit(_decode, nxt, model)))
+                pending.append((nxt[0], nxt[1], pool.submit(_decode, nxt[0], model)))
             result = fut.result()
             if isinstance(result, ImageDecodeError):
                 failures.append(Failure(str(path), str(result)))
             else:
-                batch.append(result)
-                batch_paths.append(path)
+                batch.append(result[0])
+                batch_items.append((path, truth, result[1]))
                 if len(batch) >= batch_size:
                     flush()
                     if progress:
@@ -150,4 +206,19 @@ def predict_paths(model: PneumoModel, files: Sequence[Path], *, batch_size: int 
     summary = model.summary() | {"threshold": thr}
     return PredictionRun(model=summary, predictions=predictions, failures=failures,
                          batch_size=batch_size, seconds=seconds, model_ms_per_image=times,
-                         metrics=metrics, model_meta=model.meta)
+                         metrics=metrics, model_meta=model.meta, heatmaps=heatmaps,
+                         flagged_as=flagged_as)
+
+
+def _write_heatmap(folder: Path, index: int, pred: Prediction) -> str:
+    """Overlay PNG for one prediction; returns its path ('' if the image cannot be re-read)."""
+    from .heatmap import heatmap_name, overlay, write_overlay
+
+    try:
+        gray = decode_gray(pred.path, target=512)
+    except ImageDecodeError:
+        return ""
+    text = f"P(PNEUMONIA) {pred.probability:.3f}: {pred.label}"
+    target = folder / heatmap_name(index, pred.path)
+    write_overlay(target, overlay(gray, pred.cam.astype(np.float32), text))
+    return str(target)

@@ -41,7 +41,9 @@ def atomic_write(path: str | os.PathLike, data: str | bytes) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as fh:
-            fh.write(data.encode("utf-8") if isinstance(data, str) else data)
+            # file names that are not UTF-8 arrive as lone surrogates: write them as
+            # visible \udcXX escapes instead of failing after all the work is done
+            fh.write(data.encode("utf-8", "backslashreplace") if isinstance(data, str) else data)
             fh.flush()
             os.fsync(fh.fileno())
         os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the usual mode
@@ -53,6 +55,34 @@ def atomic_write(path: str | os.PathLike, data: str | bytes) -> None:
 
 def _finite(x):
     return None if x is None or not np.isfinite(x) else round(float(x), 6)
+
+
+def _strict(obj):
+    """Replace non-finite floats by None at any depth: report.json is strict JSON."""
+    if isinstance(obj, float):
+        return obj if np.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _strict(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_strict(v) for v in obj]
+    return obj
+
+
+#: A CSV cell starting with one of these is read as a formula by spreadsheet programs;
+#: such cells get a leading apostrophe (the usual neutralisation, shown by spreadsheets
+#: as text and easy to strip).
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def csv_safe(value: str) -> str:
+    return "'" + value if value.startswith(_FORMULA_START) else value
+
+
+def _prediction_dict(p) -> dict:
+    return {"path": p.path, "probability": round(p.probability, 6), "label": p.label,
+            "truth": p.truth,
+            "ood_score": None if p.ood_score is None else round(p.ood_score, 4),
+            "in_distribution": p.in_distribution, "warnings": list(p.warnings)}
 
 
 def report_dict(run: PredictionRun) -> dict:
@@ -68,8 +98,10 @@ def report_dict(run: PredictionRun) -> dict:
                        "images_per_second": round(run.images_per_second, 3),
                        "batch_size": run.batch_size},
         "failures": [{"path": f.path, "error": f.error} for f in run.failures],
-        "predictions": [{"path": p.path, "probability": round(p.probability, 6),
-                         "label": p.label, "truth": p.truth} for p in run.predictions],
+        "predictions": [_prediction_dict(p) for p in run.predictions],
+        "n_flagged": run.n_flagged,
+        "flagged_as": run.flagged_as,
+        "heatmaps": run.heatmaps or None,
         "model_metadata": run.model_meta,
         "n_predicted": len(run.predictions),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -83,12 +115,15 @@ def report_dict(run: PredictionRun) -> dict:
 def predictions_csv(run: PredictionRun) -> str:
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["path", "probability", "label", "threshold", "truth", "error"])
+    w.writerow(["path", "probability", "label", "threshold", "truth", "ood_score",
+                "in_distribution", "warnings", "error"])
     for p in run.predictions:
-        w.writerow([p.path, f"{p.probability:.6f}", p.label, f"{p.threshold:.6f}",
-                    p.truth or "", ""])
+        w.writerow([csv_safe(p.path), f"{p.probability:.6f}", p.label, f"{p.threshold:.6f}",
+                    p.truth or "", "" if p.ood_score is None else f"{p.ood_score:.4f}",
+                    "" if p.in_distribution is None else str(p.in_distribution).lower(),
+                    csv_safe("; ".join(p.warnings)), ""])
     for f in run.failures:
-        w.writerow([f.path, "", "", "", "", f.error])
+        w.writerow([csv_safe(f.path), "", "", "", "", "", "", "", csv_safe(f.error)])
     return buf.getvalue()
 
 
@@ -168,6 +203,78 @@ def _fmt(x, digits=4):
     return "n/a" if x is None else f"{x:.{digits}f}"
 
 
+GALLERY_LIMITS = {"false positives": 8, "false negatives": 8, "least certain": 8, "flagged": 12}
+
+
+def _gallery_groups(run: PredictionRun) -> dict[str, list]:
+    preds = run.predictions
+    thr = run.model["threshold"]
+    fp = sorted((p for p in preds if p.truth == "NORMAL" and p.label == "PNEUMONIA"),
+                key=lambda p: -p.probability)
+    fn = sorted((p for p in preds if p.truth == "PNEUMONIA" and p.label == "NORMAL"),
+                key=lambda p: p.probability)
+    unsure = sorted(preds, key=lambda p: abs(p.probability - thr))
+    flagged = [p for p in preds if p.flagged]
+    groups = {"false positives": fp, "false negatives": fn, "least certain": unsure,
+              "flagged": flagged}
+    return {k: v[:GALLERY_LIMITS[k]] for k, v in groups.items()}
+
+
+def _thumbnail(p, size: int = 200) -> str | None:
+    """A base64 PNG of the image with its heatmap (or plain when the model has none)."""
+    import base64
+
+    import cv2
+
+    from .heatmap import overlay
+    from .images import ImageDecodeError, decode_gray
+
+    try:
+        gray = decode_gray(p.path, target=size)
+    except (ImageDecodeError, OSError):
+        return None
+    if p.cam is not None:
+        img = overlay(gray, p.cam.astype(np.float32), None, max_side=size)
+    else:
+        scale = min(1.0, size / max(gray.shape))
+        img = cv2.resize(gray, (max(int(gray.shape[1] * scale), 1),
+                                max(int(gray.shape[0] * scale), 1)), interpolation=cv2.INTER_AREA)
+    ok, buf = cv2.imencode(".png", img)
+    return base64.b64encode(buf.tobytes()).decode("ascii") if ok else None
+
+
+def _gallery_html(run: PredictionRun) -> str:
+    e = html.escape
+    groups = _gallery_groups(run)
+    if not any(groups.values()):
+        return "<p class='muted'>No predictions.</p>"
+    has_cam = any(p.cam is not None for p in run.predictions)
+    parts = [] if has_cam else ["<p class='muted'>This model has no <code>cam</code> output: "
+                                "thumbnails without heatmaps (re-export to add it).</p>"]
+    cache: dict[str, str | None] = {}
+    for title, preds in groups.items():
+        if not preds:
+            continue
+        figs = []
+        for p in preds:
+            if p.path not in cache:
+                cache[p.path] = _thumbnail(p)
+            b64 = cache[p.path]
+            img = (f"<img alt='heatmap of {e(p.path)}' src='data:image/png;base64,{b64}'>"
+                   if b64 else "<div class='muted'>(image not readable)</div>")
+            truth = f" &middot; truth {e(p.truth)}" if p.truth else ""
+            ood = "" if p.ood_score is None else f" &middot; OOD {p.ood_score:.1f}"
+            warns = "".join(f"<div class='warn'>{e(w)}</div>" for w in p.warnings)
+            figs.append(f"<figure>{img}<figcaption><b>{p.probability:.3f}</b> {e(p.label)}"
+                        f"{truth}{ood}<div class='path'>{e(p.path)}</div>{warns}</figcaption>"
+                        "</figure>")
+        parts.append(f"<h3>{e(title)} ({len(preds)})</h3><div class='gallery'>{''.join(figs)}</div>")
+    parts.append("<p class='muted'>Heatmap: the model's class activation map, sigmoid of the "
+                 "logit at each position, blue 0 to red 1 (red regions alone would be called "
+                 "PNEUMONIA).</p>")
+    return "".join(parts)
+
+
 def render_html(run: PredictionRun, report: dict) -> str:
     mt = run.metrics
     e = html.escape
@@ -188,7 +295,9 @@ def render_html(run: PredictionRun, report: dict) -> str:
                 or "<tr><td colspan='2' class='muted'>none</td></tr>")
     pred_rows = "".join(
         f"<tr class='{'mis' if p.truth and p.truth != p.label else ''}'><td>{e(p.path)}</td>"
-        f"<td>{p.probability:.4f}</td><td>{p.label}</td><td>{p.truth or ''}</td></tr>"
+        f"<td>{p.probability:.4f}</td><td>{p.label}</td><td>{p.truth or ''}</td>"
+        f"<td>{'' if p.ood_score is None else f'{p.ood_score:.1f}'}</td>"
+        f"<td>{e('; '.join(p.warnings))}</td></tr>"
         for p in run.predictions)
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8">
@@ -204,11 +313,14 @@ table{{border-collapse:collapse;font-size:.92em}} th,td{{padding:4px 10px;border
 .ok{{background:#e8f5e9}} .bad{{background:#fdecea}} .muted{{color:#777}} tr.mis td{{background:#fdecea}}
 .tick{{font-size:11px;fill:#555}} .axis{{font-size:12px;fill:#333}}
 .scroll{{max-height:420px;overflow:auto;border:1px solid #eee}} code{{font-size:.9em}}
+.gallery{{display:flex;flex-wrap:wrap;gap:12px}} figure{{margin:0;width:200px;font-size:.8em}}
+figure img{{width:200px;border-radius:4px;display:block}} .path{{color:#666;word-break:break-all}}
+.warn{{color:#a15c00}} h3{{font-size:1em;margin:14px 0 6px}}
 </style></head><body>
 <h1>pneumo-edge prediction report</h1>
 <div class="muted">{e(report['created'])} &middot; pneumo-edge {e(__version__)} &middot; model <code>{e(run.model['path'])}</code> ({e(run.model['precision'])}, sha256 <code>{e(run.model['sha256'][:16])}&hellip;</code>)</div>
 <div class="disclaimer"><b>Not a medical device.</b> {e(DISCLAIMER)}</div>
-<p>{run.n_images} images: {len(run.predictions)} predicted, {len(run.failures)} failed. Decision threshold {run.model['threshold']:.4f} on P(PNEUMONIA).</p>
+<p>{run.n_images} images: {len(run.predictions)} predicted, {len(run.failures)} failed, {run.n_flagged} flagged (input checks or out of distribution; treated as {e(run.flagged_as)}). Decision threshold {run.model['threshold']:.4f} on P(PNEUMONIA).</p>
 <div class="grid">
 <div><h2>Metrics</h2><table>{_rows(metric_rows)}</table></div>
 <div><h2>Confusion matrix</h2>{_confusion_html(run)}</div>
@@ -218,10 +330,12 @@ table{{border-collapse:collapse;font-size:.92em}} th,td{{padding:4px 10px;border
 <div><h2>Speed</h2><table>{_rows(speed_rows)}</table></div>
 <div><h2>Model time per image</h2>{_svg_histogram(run.model_ms_per_image)}</div>
 </div>
+<h2>Gallery</h2>
+{_gallery_html(run)}
 <h2>Failures ({len(run.failures)})</h2>
 <table><tr><th>file</th><th>reason</th></tr>{failures}</table>
 <h2>Predictions ({len(run.predictions)})</h2>
-<div class="scroll"><table><tr><th>file</th><th>P(PNEUMONIA)</th><th>label</th><th>truth</th></tr>{pred_rows}</table></div>
+<div class="scroll"><table><tr><th>file</th><th>P(PNEUMONIA)</th><th>label</th><th>truth</th><th>OOD</th><th>warnings</th></tr>{pred_rows}</table></div>
 <h2>Model metadata</h2>
 <table>{_rows(meta_rows)}</table>
 </body></html>
@@ -234,7 +348,8 @@ def write_report(run: PredictionRun, out_dir: str | os.PathLike) -> dict[str, Pa
     report = report_dict(run)
     paths = {"json": out / "report.json", "csv": out / "predictions.csv",
              "html": out / "report.html"}
-    atomic_write(paths["json"], json.dumps(report, indent=2, ensure_ascii=False) + "\n")
+    atomic_write(paths["json"], json.dumps(_strict(report), indent=2, ensure_ascii=False,
+                                           allow_nan=False) + "\n")
     atomic_write(paths["csv"], predictions_csv(run))
     atomic_write(paths["html"], render_html(run, report))
     return paths

@@ -117,15 +117,55 @@ class PneumoModel:
     def input_name(self) -> str:
         return self.session.get_inputs()[0].name
 
+    @property
+    def output_names(self) -> list[str]:
+        return [o.name for o in self.session.get_outputs()]
+
+    @property
+    def has_cam(self) -> bool:
+        return "cam" in self.output_names[1:]
+
+    @property
+    def ood_threshold(self) -> float | None:
+        """The OOD threshold when the model has an ``ood`` output and metadata for it."""
+        ood = self.meta.get("ood")
+        if "ood" not in self.output_names[1:] or not isinstance(ood, dict):
+            return None
+        thr = ood.get("threshold")
+        return float(thr) if isinstance(thr, (int, float)) and np.isfinite(thr) else None
+
+    def run_all(self, batch: np.ndarray) -> dict[str, np.ndarray | None]:
+        """Every output for a float32 (N, H, W, C) batch.
+
+        Returns ``prob`` (N,), ``cam`` (N, h, w) logits or None, ``ood`` (N,) or None.
+
+        Raises:
+            ModelError: the probability output is not a finite number in [0, 1]
+                (a broken or foreign model: never a silent label).
+        """
+        out = self.session.run(None, {self.input_name: np.ascontiguousarray(batch, np.float32)})
+        named = dict(zip(self.output_names, out))
+        prob = np.asarray(out[0], dtype=np.float64).reshape(len(batch), -1)[:, -1]
+        if not np.all(np.isfinite(prob)) or np.any(prob < 0.0) or np.any(prob > 1.0):
+            bad = prob[~(np.isfinite(prob) & (prob >= 0.0) & (prob <= 1.0))][0]
+            raise ModelError(f"{self.path}: the model's output {bad!r} is not a probability "
+                             "in [0, 1]; refusing to label anything with it")
+        cam = named.get("cam") if self.has_cam else None
+        ood = named.get("ood") if self.ood_threshold is not None else None
+        return {"prob": prob,
+                "cam": None if cam is None else np.asarray(cam, np.float32).reshape(
+                    len(batch), *np.shape(cam)[1:3]),
+                "ood": None if ood is None else np.asarray(ood, np.float64).reshape(-1)}
+
     def run(self, batch: np.ndarray) -> np.ndarray:
         """P(PNEUMONIA) for a float32 (N, H, W, C) batch, shape (N,)."""
-        out = self.session.run(None, {self.input_name: np.ascontiguousarray(batch, np.float32)})
-        return np.asarray(out[0], dtype=np.float64).reshape(len(batch), -1)[:, -1]
+        return self.run_all(batch)["prob"]
 
     def summary(self) -> dict[str, Any]:
         return {"path": str(self.path), "sha256": self.sha256, "precision": self.precision,
                 "threshold": self.threshold, "provider": self.provider,
-                "arch": self.meta.get("arch"), "input_size": self.meta.get("input_size")}
+                "arch": self.meta.get("arch"), "input_size": self.meta.get("input_size"),
+                "outputs": self.output_names, "ood_threshold": self.ood_threshold}
 
 
 def _providers_for(device: str) -> list:

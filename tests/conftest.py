@@ -32,10 +32,15 @@ def tiny_metadata(**overrides) -> dict:
 
 
 def make_tiny_onnx(path: Path, meta: dict | None = None, *, size: int = 16, channels: int = 3,
-                   slope: float = 10.0, with_metadata: bool = True) -> Path:
+                   slope: float = 10.0, with_metadata: bool = True, heads: bool = False,
+                   ood_threshold: float = 5.0, prob_scale: float = 1.0) -> Path:
     """An NHWC model: P(PNEUMONIA) = sigmoid(slope * (mean pixel / 255 - 0.5)).
 
     Brighter images score higher, so tests can build images with known outputs.
+    With ``heads``: ``cam`` (N, 2, 2) is the same logit per image quadrant (its
+    mean is the image's logit) and ``ood`` (N, 1) is |mean pixel - 128| / 10,
+    with ``ood_threshold`` in the metadata. ``prob_scale`` multiplies the
+    probability (a broken model for tests when it is not 1).
     """
     import onnx
     from onnx import TensorProto, helper
@@ -54,10 +59,30 @@ def make_tiny_onnx(path: Path, meta: dict | None = None, *, size: int = 16, chan
         helper.make_node("ReduceMean", ["flat"], ["mean"], keepdims=1, axes=[1]),
         helper.make_node("Mul", ["mean", "scale"], ["scaled"]),
         helper.make_node("Add", ["scaled", "shift"], ["logit"]),
-        helper.make_node("Sigmoid", ["logit"], ["prob"]),
+        helper.make_node("Sigmoid", ["logit"], ["prob0"]),
+        helper.make_node("Mul", ["prob0", "prob_scale"], ["prob"]),
         helper.make_node("Reshape", ["prob", "shape"], ["pneumonia_prob"]),
     ]
-    graph = helper.make_graph(nodes, "tiny", [x], [y], initializer=inits)
+    inits.append(helper.make_tensor("prob_scale", TensorProto.FLOAT, [], [prob_scale]))
+    outputs = [y]
+    if heads:
+        half = size // 2
+        inits += [helper.make_tensor("c128", TensorProto.FLOAT, [], [128.0]),
+                  helper.make_tensor("c10", TensorProto.FLOAT, [], [0.1])]
+        nodes += [
+            helper.make_node("AveragePool", ["nchw"], ["quads"], kernel_shape=[half, half],
+                             strides=[half, half]),
+            helper.make_node("ReduceMean", ["quads"], ["qmean"], keepdims=0, axes=[1]),
+            helper.make_node("Mul", ["qmean", "scale"], ["qscaled"]),
+            helper.make_node("Add", ["qscaled", "shift"], ["cam"]),
+            helper.make_node("Sub", ["mean", "c128"], ["centred"]),
+            helper.make_node("Abs", ["centred"], ["dist"]),
+            helper.make_node("Mul", ["dist", "c10"], ["ood"]),
+        ]
+        outputs += [helper.make_tensor_value_info("cam", TensorProto.FLOAT, ["N", 2, 2]),
+                    helper.make_tensor_value_info("ood", TensorProto.FLOAT, ["N", 1])]
+        meta = {"ood": {"kind": "test", "threshold": ood_threshold}, **(meta or {})}
+    graph = helper.make_graph(nodes, "tiny", [x], outputs, initializer=inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
     model.ir_version = 8
     if with_metadata:

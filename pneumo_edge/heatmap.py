@@ -1,0 +1,72 @@
+"""Heatmap overlays from the model's ``cam`` output.
+
+The map is the output layer applied at each position of the last feature map
+(logits; their mean is the image's logit). Shown as sigmoid(logit) on a fixed
+scale, 0 blue to 1 red, so that maps of different images compare: red regions
+alone would be called PNEUMONIA. The model sees the whole image resized to its
+input (aspect ratio not kept), so the map is stretched over the whole image.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+__all__ = ["overlay", "write_overlay", "heatmap_name", "cam_mass_in_box"]
+
+
+def overlay(gray: np.ndarray, cam: np.ndarray, text: str | None = None, max_side: int = 512,
+            alpha: float = 0.4) -> np.ndarray:
+    """BGR uint8 image: ``gray`` (any size) with the upsampled map blended on top."""
+    h, w = gray.shape
+    scale = min(1.0, max_side / max(h, w))
+    if scale < 1.0:
+        gray = cv2.resize(gray, (max(int(w * scale), 1), max(int(h * scale), 1)),
+                          interpolation=cv2.INTER_AREA)
+    h, w = gray.shape
+    heat = 1.0 / (1.0 + np.exp(-np.asarray(cam, np.float32)))
+    heat = cv2.resize(heat, (w, h), interpolation=cv2.INTER_CUBIC)
+    colour = cv2.applyColorMap((np.clip(heat, 0, 1) * 255).astype(np.uint8), cv2.COLORMAP_JET)
+    out = cv2.addWeighted(cv2.cvtColor(gray, cv2.COLOR_GRAY2BGR), 1.0 - alpha, colour, alpha, 0)
+    if text:
+        size = max(0.4, w / 900.0)
+        thick = max(1, int(round(size * 2)))
+        (tw, th), base = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, size, thick)
+        cv2.rectangle(out, (0, 0), (min(tw + 12, w), th + base + 10), (0, 0, 0), -1)
+        cv2.putText(out, text, (6, th + 5), cv2.FONT_HERSHEY_SIMPLEX, size, (255, 255, 255),
+                    thick, cv2.LINE_AA)
+    return out
+
+
+def heatmap_name(index: int, path: str | os.PathLike) -> str:
+    """A safe, unique PNG name: running index and the file's stem (ASCII letters only)."""
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(path).stem)[:80].strip("._") or "image"
+    return f"{index:06d}_{stem}.png"
+
+
+def write_overlay(out_path: str | os.PathLike, image: np.ndarray) -> None:
+    from .report import atomic_write
+
+    ok, buf = cv2.imencode(".png", image)
+    if not ok:
+        raise OSError(f"{out_path}: PNG encoding failed")
+    atomic_write(out_path, buf.tobytes())
+
+
+def cam_mass_in_box(cam: np.ndarray, box: tuple[float, float, float, float] = (0.15, 0.1, 0.85, 0.9)
+                    ) -> float:
+    """Share of the positive evidence (the map's logits above 0, upsampled) inside a box.
+
+    ``box`` is (x0, y0, x1, y1) as fractions of the image: by default the chest
+    region of a frontal X-ray; the rest is borders and corners. 0 when the map
+    has no positive evidence.
+    """
+    heat = cv2.resize(np.asarray(cam, np.float32), (100, 100),
+                      interpolation=cv2.INTER_LINEAR).clip(0, None)
+    x0, y0, x1, y1 = (int(round(v * 100)) for v in box)
+    total = float(heat.sum())
+    return float(heat[y0:y1, x0:x1].sum() / total) if total > 0 else 0.0
