@@ -166,7 +166,9 @@ def main() -> None:
         os.symlink((SHARED / "chest_xray" / "train" / r["path"]).resolve(),
                    d / Path(r["path"]).name)
     keras = args.keras if (args.keras / "best.keras").exists() else None
+    from training.evaluate import keras_predictor
     table = run_benchmark(list(models.values()), data=val_dir, keras_source=keras,
+                          keras_loader=keras_predictor,
                           batch_sizes=(1, 8, 32), min_seconds=3.0, progress=print)
     results["formats"] = table.to_dict()
 

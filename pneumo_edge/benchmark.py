@@ -122,13 +122,19 @@ def _score(predict: Callable[[np.ndarray], np.ndarray], x: np.ndarray, labels: n
 
 def run_benchmark(models: Sequence[str | os.PathLike], *, data: str | os.PathLike | None = None,
                   keras_source: str | os.PathLike | None = None,
+                  keras_loader: Callable | None = None,
                   batch_sizes: Sequence[int] = (1, 8, 32), threads: int | None = None,
                   device: str = "cpu", min_seconds: float = 1.0,
                   progress: Callable[[str], None] | None = None) -> BenchmarkResult:
     """Benchmark ONNX models (and optionally the Keras source) on the same images.
 
+    ``keras_loader(source)`` builds the Keras row's predictor on the training side
+    (``training.evaluate.keras_predictor``): it returns (name, size in MB,
+    threshold or None, PreprocessConfig, predict). The runtime never imports
+    TensorFlow itself.
+
     Raises:
-        ModelError: a model cannot be loaded. ImportError: ``keras_source`` without TensorFlow.
+        ModelError: a model cannot be loaded. ValueError: ``keras_source`` without a loader.
     """
     say = progress or (lambda m: None)
     files = collect_images([data]) if data else []
@@ -148,8 +154,13 @@ def run_benchmark(models: Sequence[str | os.PathLike], *, data: str | os.PathLik
         result.rows.append(row)
 
     if keras_source is not None:
+        if keras_loader is None:
+            raise ValueError("a Keras row needs keras_loader (training.evaluate.keras_predictor)")
         say(f"Keras: {keras_source}")
-        row, predict, x, cfg = _keras_row(Path(keras_source), files, cache)
+        name, size_mb, threshold, cfg, predict = keras_loader(Path(keras_source))
+        x, labels, mask = _load_inputs(files, cfg, cache)
+        row = BenchmarkRow(name, "keras", "fp32", size_mb, threshold,
+                           _score(predict, x, labels, mask, threshold), {})
         finish(row, predict, x, cfg)
     for m in loaded:
         say(f"ONNX: {m.path}")
@@ -168,26 +179,6 @@ def run_benchmark(models: Sequence[str | os.PathLike], *, data: str | os.PathLik
         for r in result.rows:
             r.speedup_vs_first = first / r.latency[key]["p50_ms"]
     return result
-
-
-def _keras_row(source: Path, files, cache):
-    """The Keras model as trained (TensorFlow needed): a run folder or a .keras file."""
-    import json
-
-    from training.export import inference_model  # TensorFlow: only when asked for
-
-    keras_path = source / "best.keras" if source.is_dir() else source
-    model, _ = inference_model(keras_path)
-    threshold = None
-    if source.is_dir() and (source / "val_metrics.json").exists():
-        threshold = float(json.loads((source / "val_metrics.json").read_text())["threshold"])
-    shape = model.inputs[0].shape
-    cfg = PreprocessConfig(int(shape[1]), int(shape[2]), int(shape[3]))
-    x, labels, mask = _load_inputs(files, cfg, cache)
-    predict = lambda b: np.asarray(model.predict_on_batch(b)).reshape(-1)
-    row = BenchmarkRow(keras_path.name, "keras", "fp32", keras_path.stat().st_size / 1e6,
-                       threshold, _score(predict, x, labels, mask, threshold), {})
-    return row, predict, x, cfg
 
 
 def markdown_table(result: BenchmarkResult) -> str:

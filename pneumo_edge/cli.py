@@ -537,8 +537,15 @@ def benchmark(
     paths = [*models, *extra] if models else [_resolve_model(None)]
     if data is not None and not data.exists():
         raise _fail(f"{data}: no such file or folder")
+    keras_loader = None
+    if keras is not None:
+        try:
+            from training.evaluate import keras_predictor as keras_loader
+        except ImportError as exc:
+            raise _fail(f"--keras needs TensorFlow (the train extra): {exc}")
     try:
-        result = run_benchmark(paths, data=data, keras_source=keras, batch_sizes=sizes,
+        result = run_benchmark(paths, data=data, keras_source=keras, keras_loader=keras_loader,
+                               batch_sizes=sizes,
                                threads=threads, device=device.value, min_seconds=seconds,
                                progress=lambda m: err.print(f"[dim]{m}[/]", highlight=False))
     except ModelError as exc:

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from . import __version__
+from .metadata import finite_json
 from .metrics import roc_curve
 from .predict import PredictionRun
 
@@ -55,17 +56,6 @@ def atomic_write(path: str | os.PathLike, data: str | bytes) -> None:
 
 def _finite(x):
     return None if x is None or not np.isfinite(x) else round(float(x), 6)
-
-
-def _strict(obj):
-    """Replace non-finite floats by None at any depth: report.json is strict JSON."""
-    if isinstance(obj, float):
-        return obj if np.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {k: _strict(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_strict(v) for v in obj]
-    return obj
 
 
 #: A CSV cell starting with one of these is read as a formula by spreadsheet programs;
@@ -348,7 +338,7 @@ def write_report(run: PredictionRun, out_dir: str | os.PathLike) -> dict[str, Pa
     report = report_dict(run)
     paths = {"json": out / "report.json", "csv": out / "predictions.csv",
              "html": out / "report.html"}
-    atomic_write(paths["json"], json.dumps(_strict(report), indent=2, ensure_ascii=False,
+    atomic_write(paths["json"], json.dumps(finite_json(report), indent=2, ensure_ascii=False,
                                            allow_nan=False) + "\n")
     atomic_write(paths["csv"], predictions_csv(run))
     atomic_write(paths["html"], render_html(run, report))

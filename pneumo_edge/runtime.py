@@ -11,15 +11,13 @@ from typing import Any
 
 import numpy as np
 
+from .metadata import (METADATA_KEY, SCHEMA_VERSION, MetadataError, ModelMetadata, check_graph,
+                       parse)
 from .preprocess import PreprocessConfig
 
 __all__ = ["METADATA_KEY", "SCHEMA_VERSION", "ModelError", "PneumoModel", "load_model",
            "default_model_path", "read_metadata", "file_sha256"]
 
-METADATA_KEY = "pneumo_edge"
-SCHEMA_VERSION = 1
-REQUIRED_KEYS = ("schema", "input_name", "input_size", "channels", "class_names",
-                 "positive_class", "threshold", "precision")
 DEVICES = ("auto", "cpu", "cuda")
 
 
@@ -60,35 +58,13 @@ def _open_session(path: str | os.PathLike, so, providers: list):
         ort.set_default_logger_severity(3)
 
 
-def validate_metadata(meta: dict[str, Any], path: str | os.PathLike) -> dict[str, Any]:
-    missing = [k for k in REQUIRED_KEYS if k not in meta]
-    if missing:
-        raise ModelError(f"{path}: '{METADATA_KEY}' metadata lacks {', '.join(missing)}")
-    if not isinstance(meta["schema"], int) or meta["schema"] > SCHEMA_VERSION:
-        raise ModelError(f"{path}: metadata schema {meta['schema']!r} is newer than this "
-                         f"pneumo-edge understands ({SCHEMA_VERSION}); upgrade pneumo-edge")
-    if list(meta["class_names"]) != ["NORMAL", "PNEUMONIA"]:
-        raise ModelError(f"{path}: class_names must be ['NORMAL', 'PNEUMONIA'], "
-                         f"got {meta['class_names']!r}")
-    thr = meta["threshold"]
-    if not isinstance(thr, (int, float)) or not 0.0 <= float(thr) <= 1.0:
-        raise ModelError(f"{path}: threshold {thr!r} is not a probability")
-    return meta
-
-
-def _metadata_from_map(custom: dict[str, str], path) -> dict[str, Any]:
-    raw = custom.get(METADATA_KEY)
-    if raw is None:
-        raise ModelError(
-            f"{path}: no '{METADATA_KEY}' metadata in this ONNX file; pneumo-edge does not guess "
-            "preprocessing or threshold. Export models with `pneumo-edge export`.")
+def _metadata(session, path) -> ModelMetadata:
     try:
-        meta = json.loads(raw)
-    except json.JSONDecodeError as exc:
-        raise ModelError(f"{path}: '{METADATA_KEY}' metadata is not valid JSON ({exc})") from None
-    if not isinstance(meta, dict):
-        raise ModelError(f"{path}: '{METADATA_KEY}' metadata is not a JSON object")
-    return validate_metadata(meta, path)
+        meta = parse(session.get_modelmeta().custom_metadata_map)
+        check_graph(meta, session.get_inputs(), session.get_outputs())
+    except MetadataError as exc:
+        raise ModelError(f"{path}: {exc}") from None
+    return meta
 
 
 @dataclass
@@ -96,30 +72,32 @@ class PneumoModel:
     """A loaded model: its metadata, preprocessing, threshold and onnxruntime session."""
 
     path: Path
-    meta: dict[str, Any]
+    metadata: ModelMetadata
     session: Any = field(repr=False)
     provider: str
     sha256: str
 
+    def __post_init__(self) -> None:
+        # read once per model, not per image
+        self.input_name = self.session.get_inputs()[0].name
+        self.output_names = [o.name for o in self.session.get_outputs()]
+
+    @property
+    def meta(self) -> dict[str, Any]:
+        """The metadata as stored (provenance included)."""
+        return dict(self.metadata.raw)
+
     @property
     def preprocess(self) -> PreprocessConfig:
-        return PreprocessConfig.from_metadata(self.meta)
+        return self.metadata.preprocess
 
     @property
     def threshold(self) -> float:
-        return float(self.meta["threshold"])
+        return self.metadata.threshold
 
     @property
     def precision(self) -> str:
-        return str(self.meta["precision"])
-
-    @property
-    def input_name(self) -> str:
-        return self.session.get_inputs()[0].name
-
-    @property
-    def output_names(self) -> list[str]:
-        return [o.name for o in self.session.get_outputs()]
+        return self.metadata.precision
 
     @property
     def has_cam(self) -> bool:
@@ -128,11 +106,7 @@ class PneumoModel:
     @property
     def ood_threshold(self) -> float | None:
         """The OOD threshold when the model has an ``ood`` output and metadata for it."""
-        ood = self.meta.get("ood")
-        if "ood" not in self.output_names[1:] or not isinstance(ood, dict):
-            return None
-        thr = ood.get("threshold")
-        return float(thr) if isinstance(thr, (int, float)) and np.isfinite(thr) else None
+        return self.metadata.ood_threshold if "ood" in self.output_names[1:] else None
 
     def run_all(self, batch: np.ndarray) -> dict[str, np.ndarray | None]:
         """Every output for a float32 (N, H, W, C) batch.
@@ -235,16 +209,8 @@ def load_model(path: str | os.PathLike, device: str = "auto", threads: int | Non
     if device == "cuda" and in_use != "CUDAExecutionProvider":
         raise ModelError("--device cuda: the CUDA provider did not load (no GPU, driver, "
                          "CUDA or cuDNN); use --device auto or cpu")
-    meta = _metadata_from_map(session.get_modelmeta().custom_metadata_map, path)
-    inputs = session.get_inputs()
-    if len(inputs) != 1 or len(inputs[0].shape) != 4:
-        raise ModelError(f"{path}: expected one NHWC image input, got "
-                         f"{[(i.name, i.shape) for i in inputs]}")
-    channels = inputs[0].shape[3]
-    if isinstance(channels, int) and channels != int(meta["channels"]):
-        raise ModelError(f"{path}: input has {channels} channels but metadata says "
-                         f"{meta['channels']}")
-    model = PneumoModel(path=path, meta=meta, session=session,
+    meta = _metadata(session, path)
+    model = PneumoModel(path=path, metadata=meta, session=session,
                         provider=in_use.replace("ExecutionProvider", "").lower(),
                         sha256=file_sha256(path))
     cfg = model.preprocess
@@ -260,24 +226,38 @@ def read_metadata(path: str | os.PathLike) -> tuple[dict[str, Any], list[dict], 
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     session = _open_session(path, so, ["CPUExecutionProvider"])
-    meta = _metadata_from_map(session.get_modelmeta().custom_metadata_map, path)
+    meta = _metadata(session, path).to_dict()
     ios = lambda items: [{"name": i.name, "shape": list(i.shape), "type": i.type} for i in items]
     return meta, ios(session.get_inputs()), ios(session.get_outputs())
+
+
+def _release_folder() -> Path | None:
+    """The release models' folder: installed as ``pneumo_edge.release`` (the repository's
+    ``exported/``), or ``exported/`` beside the package in a source checkout."""
+    try:
+        from importlib.resources import files
+
+        folder = Path(str(files("pneumo_edge.release")))
+        if (folder / "default.txt").is_file():
+            return folder
+    except (ImportError, ModuleNotFoundError, TypeError):
+        pass
+    folder = Path(__file__).resolve().parents[1] / "exported"
+    return folder if (folder / "default.txt").is_file() else None
 
 
 def default_model_path() -> Path | None:
     """The release model used when ``--model`` is not given.
 
-    ``$PNEUMO_EDGE_MODEL`` if set; else the file named in ``exported/default.txt``
-    (looked up in the current folder, then beside the installed package).
+    ``$PNEUMO_EDGE_MODEL`` if set; else the file named in the release folder's
+    ``default.txt``, shipped inside the installed package. The current folder is
+    never consulted: no folder can plant a model.
     """
     env = os.environ.get("PNEUMO_EDGE_MODEL")
     if env:
         return Path(env)
-    for base in (Path.cwd() / "exported", Path(__file__).resolve().parents[1] / "exported"):
-        pointer = base / "default.txt"
-        if pointer.is_file():
-            name = pointer.read_text(encoding="utf-8").strip()
-            if name:
-                return base / name
-    return None
+    folder = _release_folder()
+    if folder is None:
+        return None
+    name = (folder / "default.txt").read_text(encoding="utf-8").strip()
+    return folder / name if name and "/" not in name and "\\" not in name else None

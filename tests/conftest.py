@@ -86,7 +86,7 @@ def make_tiny_onnx(path: Path, meta: dict | None = None, *, size: int = 16, chan
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
     model.ir_version = 8
     if with_metadata:
-        m = tiny_metadata(input_size=[size, size], channels=channels, **(meta or {}))
+        m = tiny_metadata(**({"input_size": [size, size], "channels": channels} | (meta or {})))
         helper.set_model_props(model, {"pneumo_edge": json.dumps(m)})
     onnx.checker.check_model(model)
     onnx.save(model, str(path))

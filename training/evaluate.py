@@ -47,3 +47,27 @@ def record_worst(run_dir: str | Path, result) -> None:
     val = json.loads(path.read_text())
     val["robustness_worst"] = result.worst()
     _write_json(path, val)
+
+
+def keras_predictor(source: Path):
+    """The benchmark's Keras row: ``(name, size MB, threshold, preprocess, predict)``.
+
+    ``source`` is a run folder (its threshold is used) or a .keras file (no
+    threshold: no metrics). The model is the inference copy export converts.
+    """
+    from .export import inference_model
+
+    keras_path = source / "best.keras" if source.is_dir() else source
+    model, _ = inference_model(keras_path)
+    threshold = None
+    if source.is_dir() and (source / "val_metrics.json").exists():
+        threshold = float(json.loads((source / "val_metrics.json").read_text())["threshold"])
+    shape = model.inputs[0].shape
+    cfg = PreprocessConfig(int(shape[1]), int(shape[2]), int(shape[3]))
+
+    def predict(batch: np.ndarray) -> np.ndarray:
+        out = model.predict_on_batch(batch)
+        out = out[0] if isinstance(out, (list, tuple)) else out
+        return np.asarray(out).reshape(-1)
+
+    return keras_path.name, keras_path.stat().st_size / 1e6, threshold, cfg, predict

@@ -1,0 +1,1 @@
+"""The release models (installed as ``pneumo_edge.release``); see MODEL_CARD.md."""
