@@ -23,7 +23,8 @@ from pneumo_edge import __version__
 from pneumo_edge.metrics import binary_metrics
 from pneumo_edge.preprocess import PreprocessConfig, load_image
 from pneumo_edge.report import atomic_write
-from pneumo_edge.runtime import METADATA_KEY, SCHEMA_VERSION
+from pneumo_edge.metadata import (METADATA_KEY, SCHEMA_VERSION, MetadataError, finite_json,
+                                  validate)
 
 from .data import CLASS_NAMES, read_split
 from .models import INPUT_NAME
@@ -391,8 +392,13 @@ def _finalise(proto, meta: dict) -> bytes:
     import onnx
     from onnx import helper
 
+    meta = finite_json(meta)
+    try:  # what export writes must parse as the runtime reads it
+        validate(meta)
+    except MetadataError as exc:
+        raise ExportError(f"refusing to write metadata that breaks the contract: {exc}") from None
     del proto.metadata_props[:]
-    helper.set_model_props(proto, {METADATA_KEY: json.dumps(meta)})
+    helper.set_model_props(proto, {METADATA_KEY: json.dumps(meta, allow_nan=False)})
     proto.producer_name = "pneumo-edge"
     proto.producer_version = __version__
     onnx.checker.check_model(proto)
