@@ -211,6 +211,21 @@ def export(
                       fmt(m.get("auc"), ".4f"), fmt(m.get("recall"), ".4f"),
                       fmt(m.get("specificity"), ".4f"))
     console.print(table)
+    for r in result.files:
+        rob, ood = r.extra.get("robustness"), r.extra.get("ood")
+        parts = []
+        if rob:
+            w = rob["worst"]
+            parts.append(f"robustness worst AUC {w['auc']['value']:.4f} ({w['auc']['row']}), "
+                         f"sens {w['sensitivity']['value']:.3f} ({w['sensitivity']['row']}), "
+                         f"spec {w['specificity']['value']:.3f} ({w['specificity']['row']})")
+            if "min_agreement_with_fp32" in rob:
+                parts.append(f"agreement with fp32 >= {rob['min_agreement_with_fp32']:.4f}")
+        if ood:
+            parts.append(f"OOD threshold {ood['threshold']:.2f}, "
+                         f"{100 * ood['val_flag_rate']:.1f} % of validation flagged")
+        if parts:
+            console.print(plain(f"{r.precision}: " + "; ".join(parts)), highlight=False)
     if set_default:
         default = (out / "default.txt").read_text().strip()
         console.print(f"predict's default model: {out / default}", highlight=False)

@@ -24,8 +24,8 @@ from .metadata import finite_json
 from .metrics import roc_curve
 from .predict import PredictionRun
 
-__all__ = ["DISCLAIMER", "atomic_write", "report_dict", "write_predictions_csv",
-           "write_report"]
+__all__ = ["DISCLAIMER", "atomic_write", "write_set", "report_dict", "write_predictions_csv",
+           "write_report", "csv_safe"]
 
 DISCLAIMER = ("pneumo-edge is a research and engineering tool, not a medical device. Its "
               "output is not a diagnosis and must not be used for clinical decisions.")
@@ -37,7 +37,27 @@ os.umask(_UMASK)
 
 def atomic_write(path: str | os.PathLike, data: str | bytes) -> None:
     """Write ``data`` to ``path`` via a temporary file in the same folder and a rename."""
-    path = Path(path)
+    write_set({path: data})
+
+
+def write_set(files: dict) -> None:
+    """Write several files as one set: every temporary file is written and synced
+    first, and only then are they renamed into place. A failure while writing (a
+    full disk, a read-only folder) removes the temporary files and leaves every
+    earlier file as it was."""
+    temps: list[tuple[str, Path]] = []
+    try:
+        for path, data in files.items():
+            temps.append((_write_temp(Path(path), data), Path(path)))
+        for tmp, path in temps:
+            os.replace(tmp, path)
+    except BaseException:
+        for tmp, _ in temps:
+            Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _write_temp(path: Path, data: str | bytes) -> str:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
@@ -48,10 +68,10 @@ def atomic_write(path: str | os.PathLike, data: str | bytes) -> None:
             fh.flush()
             os.fsync(fh.fileno())
         os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the usual mode
-        os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    return tmp
 
 
 def _finite(x):
@@ -338,8 +358,9 @@ def write_report(run: PredictionRun, out_dir: str | os.PathLike) -> dict[str, Pa
     report = report_dict(run)
     paths = {"json": out / "report.json", "csv": out / "predictions.csv",
              "html": out / "report.html"}
-    atomic_write(paths["json"], json.dumps(finite_json(report), indent=2, ensure_ascii=False,
-                                           allow_nan=False) + "\n")
-    atomic_write(paths["csv"], predictions_csv(run))
-    atomic_write(paths["html"], render_html(run, report))
+    write_set({
+        paths["json"]: json.dumps(finite_json(report), indent=2, ensure_ascii=False,
+                                  allow_nan=False) + "\n",
+        paths["csv"]: predictions_csv(run),
+        paths["html"]: render_html(run, report)})
     return paths

@@ -229,3 +229,32 @@ def test_overlay_and_cam_mass():
     corner[0, 0] = 3.0
     assert cam_mass_in_box(centre) > 0.9 > cam_mass_in_box(corner)
     assert cam_mass_in_box(np.full((4, 4), -1.0)) == 0.0
+
+
+def test_full_disk_keeps_the_previous_report_set(tmp_path, tiny_model, monkeypatch):
+    import errno
+
+    import pneumo_edge.report as report
+
+    root = tmp_path / "in"
+    write_gray_jpeg(root / "a.jpeg", 100)
+    out = tmp_path / "out"
+    assert runner.invoke(app, ["predict", str(root), "--model", str(tiny_model), "--report",
+                               "--out", str(out)]).exit_code == EXIT_OK
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    write_gray_jpeg(root / "b.jpeg", 200)
+    real = report._write_temp
+    calls = []
+
+    def full_disk(path, data):
+        calls.append(path.name)
+        if len(calls) == 3:  # the third file of the set does not fit
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(path, data)
+
+    monkeypatch.setattr(report, "_write_temp", full_disk)
+    res = runner.invoke(app, ["predict", str(root), "--model", str(tiny_model), "--report",
+                              "--out", str(out)])
+    assert res.exit_code == EXIT_USAGE
+    assert "No space left on device" in res.output and "left as they were" in res.output
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # no temp files either

@@ -153,3 +153,51 @@ def test_real_full_resolution_originals_decode_reduced():
         b = cv2.resize(full, (180, 180), interpolation=cv2.INTER_AREA).astype(np.float32)
         # reduced-scale decoding changes the model input by a few grey levels at most on average
         assert np.abs(a[..., 0] - b).mean() < 3.0
+
+
+def _png_header_only(path, width, height, bit_depth, colour_type):
+    import struct
+    import zlib
+
+    ihdr = struct.pack(">IIBBBBB", width, height, bit_depth, colour_type, 0, 0, 0)
+    chunk = lambda kind, body: (struct.pack(">I", len(body)) + kind + body
+                                + struct.pack(">I", zlib.crc32(kind + body)))
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", b"")
+                     + chunk(b"IEND", b""))
+    return path
+
+
+def _tiff_header_only(path, width, height, bits):
+    import struct
+
+    entries = [(256, 4, 1, width), (257, 4, 1, height), (258, 3, 1, bits), (277, 3, 1, 1)]
+    body = struct.pack("<2sHI", b"II", 42, 8) + struct.pack("<H", len(entries))
+    for tag, typ, n, value in entries:
+        body += struct.pack("<HHII", tag, typ, n, value)
+    path.write_bytes(body + struct.pack("<I", 0))
+    return path
+
+
+def test_decoded_size_is_bounded_before_decoding(tmp_path):
+    """A few hundred bytes claiming gigabytes of 16-bit samples are refused unread."""
+    bomb = _png_header_only(tmp_path / "bomb.png", 7000, 7000, 16, 6)  # 16-bit RGBA: 374 MiB
+    with pytest.raises(ImageDecodeError, match="too large to decode"):
+        decode_gray(bomb)
+    ok = _png_header_only(tmp_path / "ok.png", 7000, 7000, 8, 0)  # 8-bit grey: 47 MiB, allowed
+    with pytest.raises(ImageDecodeError) as exc:  # (no pixel data: the decoder's own error)
+        decode_gray(ok)
+    assert "too large" not in str(exc.value)
+    tiff = _tiff_header_only(tmp_path / "big.tif", 20000, 20000, 16)
+    with pytest.raises(ImageDecodeError, match="too large"):
+        decode_gray(tiff)
+    tiff16 = _tiff_header_only(tmp_path / "mid.tif", 14000, 14000, 16)  # 196 MP, 374 MiB
+    with pytest.raises(ImageDecodeError, match="too large to decode"):
+        decode_gray(tiff16)
+
+
+def test_sixteen_bit_png_maps_to_eight_bits(tmp_path):
+    img = np.full((20, 30), 65535 // 2, np.uint16)
+    img[0, 0] = 65535
+    path = _encode(tmp_path / "a16.png", img, ".png")
+    out = decode_gray(path)
+    assert out.dtype == np.uint8 and int(out[0, 0]) == 255 and int(out[5, 5]) in (127, 128)

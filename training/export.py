@@ -26,6 +26,7 @@ from pneumo_edge.report import atomic_write
 from pneumo_edge.metadata import (METADATA_KEY, SCHEMA_VERSION, MetadataError, finite_json,
                                   validate)
 
+from . import environment
 from .data import CLASS_NAMES, read_split
 from .models import INPUT_NAME
 
@@ -380,6 +381,7 @@ def _metadata(src: _Source, cfg: PreprocessConfig, precision: str, result: Preci
             "label_smoothing", "schedule", "seed", "augment", "class_balance")
             if k in src.config},
         "opset": opset,
+        "versions": {"export": environment(), "training": src.config.get("versions")},
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "pneumo_edge_version": __version__,
         "disclaimer": "Research and engineering tool, not a medical device.",

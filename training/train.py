@@ -392,7 +392,10 @@ def train(cfg: TrainConfig, *, resume: bool = False,
             samples = _subsample(samples, cfg.max_images, cfg.seed)
         train_s, val_s = patient_split(samples, cfg.val_fraction, cfg.seed)
         write_split(split_csv, train_s, val_s)
-    cfg_dict = cfg.to_dict() | {"devices": devices, "mixed_precision_used": mixed,
+    from . import environment
+
+    cfg_dict = cfg.to_dict() | {"versions": environment(), "devices": devices,
+                                "mixed_precision_used": mixed,
                                 "no_patient_files": no_patient,
                                 "n_train": len(train_s), "n_val": len(val_s),
                                 "class_names": list(CLASS_NAMES)}
