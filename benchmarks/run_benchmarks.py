@@ -10,7 +10,10 @@ Everything is measured in one run so that ratios compare like with like:
     224 px images and on full-resolution originals;
   * cold start of `pneumo-edge predict one.jpeg` vs `python -c "import tensorflow"`;
   * peak RSS of `predict` on 5,000 vs 50 images;
-  * the model's FLOPs and this machine's measured fp32 GFLOP/s (numpy matmul).
+  * the model's FLOPs and this machine's measured fp32 GFLOP/s (numpy matmul);
+  * with --compare-int8 A.onnx B.onnx ...: batch-1 latency of other INT8 models
+    (the same model exported without its cam/ood outputs, the previous release)
+    against the release INT8, in the same run.
 """
 
 from __future__ import annotations
@@ -134,7 +137,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--models", nargs="+", type=Path,
                     default=sorted((ROOT / "exported").glob("*.onnx")))
-    ap.add_argument("--keras", type=Path, default=ROOT / "runs" / "release")
+    ap.add_argument("--keras", type=Path, default=ROOT / "runs" / "v2")
+    ap.add_argument("--compare-int8", nargs="*", type=Path, default=[],
+                    help="other INT8 models to time at batch 1 against the release INT8")
     ap.add_argument("--val-split", type=Path, default=ROOT / "exported" / "val_split.csv")
     ap.add_argument("--n-val", type=int, default=400)
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks")
@@ -171,6 +176,20 @@ def main() -> None:
                           keras_loader=keras_predictor,
                           batch_sizes=(1, 8, 32), min_seconds=3.0, progress=print)
     results["formats"] = table.to_dict()
+
+    # 1b. other INT8 models against the release INT8, batch 1 and 8, same images
+    results["int8_comparison"] = []
+    if args.compare_int8 and "int8" in models:
+        for path in [models["int8"], *args.compare_int8]:
+            m = load_model(path, device="cpu")
+            x = np.stack([load_image(f, m.preprocess) for f in list(val_dir.rglob("*.jpeg"))[:8]])
+            lat = {str(b): time_runs(lambda: m.run_all(x[:b]), b, min_seconds=5.0)
+                   for b in (1, 8)}
+            results["int8_comparison"].append({
+                "model": str(path.relative_to(ROOT) if path.is_relative_to(ROOT) else path),
+                "outputs": m.output_names, "input_size": m.metadata.raw["input_size"],
+                "latency": lat})
+            print(results["int8_comparison"][-1])
 
     # 2. end-to-end vs model-only
     train_files = collect_images([SHARED / "chest_xray" / "train"])
@@ -219,8 +238,13 @@ def targets(res: dict) -> list[tuple[str, float | None, float, str]]:
     ratio = lambda a, b: None if a is None or b is None else a / b
     e2e = {(r["model"].rsplit("_", 1)[-1].split(".")[0], r["images"]): r["ratio"]
            for r in res["end_to_end"]}
+    comp = res.get("int8_comparison") or []
+    heads = None
+    if len(comp) > 1:
+        heads = comp[0]["latency"]["1"]["p50_ms"] / comp[1]["latency"]["1"]["p50_ms"]
     return [
         ("INT8 / FP32 p50 latency, batch 1", ratio(p50("int8", 1), p50("fp32", 1)), 0.5, "<="),
+        ("INT8 with cam + ood / the same INT8 without, p50 batch 1", heads, 1.1, "<="),
         ("FP32 ONNX / Keras predict_on_batch p50, batch 1", ratio(p50("fp32", 1), p50("keras", 1)), 0.8, "<="),
         ("FP32 ONNX / Keras predict_on_batch p50, batch 32", ratio(p50("fp32", 32), p50("keras", 32)), 0.8, "<="),
         ("end-to-end / model-only img/s, INT8, 224 px", e2e.get(("int8", "224px")), 0.8, ">="),
@@ -244,6 +268,17 @@ def render(res: dict, table) -> str:
         lines.append(f"| {r['model']} | {r['images']} | {r['n_files']} | "
                      f"{r['model_only_images_per_second']:.1f} | "
                      f"{r['end_to_end_images_per_second']:.1f} | {r['ratio']:.2f} |")
+    if res.get("int8_comparison"):
+        base = res["int8_comparison"][0]["latency"]
+        lines += ["", "## INT8 models compared (batch 1 and 8, same images, same run)", "",
+                  "| model | outputs | input | p50 ms b1 | p50 ms b8 | b1 vs release INT8 |",
+                  "|---|---|---|---|---|---|"]
+        for c in res["int8_comparison"]:
+            lat = c["latency"]
+            lines.append(f"| `{c['model']}` | {', '.join(c['outputs'])} | "
+                         f"{c['input_size'][0]} px | {lat['1']['p50_ms']:.2f} | "
+                         f"{lat['8']['p50_ms']:.2f} | "
+                         f"{lat['1']['p50_ms'] / base['1']['p50_ms']:.2f}x |")
     lines += ["", "## Targets", "", "| target | measured | met |", "|---|---|---|"]
     for name, value, limit, cmp in targets(res):
         ok = value is not None and (value <= limit if cmp == "<=" else value >= limit)

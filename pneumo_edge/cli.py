@@ -67,36 +67,41 @@ def _main(version: Annotated[bool, typer.Option("--version", callback=_version,
 @app.command()
 def train(
     data: Annotated[Path, typer.Option(help="Folder with NORMAL/ and PNEUMONIA/ (maybe one level down).")],
-    out: Annotated[Path, typer.Option(help="Run folder to write.")] = Path("runs/latest"),
+    out: Annotated[Optional[Path], typer.Option(help="Run folder to write [default: runs/latest].")] = None,
     epochs: Annotated[Optional[int], typer.Option(min=1, help="Total epochs [default: 30; with --resume: the run's own].")] = None,
-    batch_size: Annotated[int, typer.Option(min=1)] = 32,
-    img_size: Annotated[int, typer.Option(min=16, help="Square input size in pixels.")] = 180,
-    val_fraction: Annotated[float, typer.Option(min=0.01, max=0.9)] = 0.15,
-    lr: Annotated[float, typer.Option(help="Peak learning rate (AdamW).")] = 1e-3,
-    patience: Annotated[int, typer.Option(min=1, help="EarlyStopping patience on val AUC.")] = 8,
-    seed: Annotated[int, typer.Option()] = 42,
+    batch_size: Annotated[Optional[int], typer.Option(min=1, help="[default: 32]")] = None,
+    img_size: Annotated[Optional[int], typer.Option(min=16, help="Square input size in pixels [default: 180].")] = None,
+    val_fraction: Annotated[Optional[float], typer.Option(min=0.01, max=0.9, help="[default: 0.15]")] = None,
+    lr: Annotated[Optional[float], typer.Option(help="Peak learning rate (AdamW) [default: 1e-3].")] = None,
+    patience: Annotated[Optional[int], typer.Option(min=1, help="EarlyStopping patience on the robust validation AUC [default: 8].")] = None,
+    seed: Annotated[Optional[int], typer.Option(help="[default: 42]")] = None,
     target_sensitivity: Annotated[Optional[float], typer.Option(
         min=0.0, max=1.0, help="Pick the highest threshold with this validation sensitivity "
-                               "(default: maximise Youden's J).")] = None,
-    arch: Annotated[str, typer.Option(help="resnet18 or resnet_tiny (tests).")] = "resnet18",
-    schedule: Annotated[str, typer.Option(help="cosine (warm-up + cosine) or plateau.")] = "cosine",
-    weight_decay: Annotated[float, typer.Option()] = 1e-4,
-    dropout: Annotated[float, typer.Option(min=0.0, max=0.9)] = 0.3,
-    label_smoothing: Annotated[float, typer.Option(min=0.0, max=0.5)] = 0.05,
+                               "(default: the threshold rule).")] = None,
+    arch: Annotated[Optional[str], typer.Option(help="resnet18 or resnet_tiny (tests) [default: resnet18].")] = None,
+    schedule: Annotated[Optional[str], typer.Option(help="cosine (warm-up + cosine) or plateau [default: cosine].")] = None,
+    weight_decay: Annotated[Optional[float], typer.Option(help="[default: 1e-4]")] = None,
+    dropout: Annotated[Optional[float], typer.Option(min=0.0, max=0.9, help="[default: 0.3]")] = None,
+    label_smoothing: Annotated[Optional[float], typer.Option(min=0.0, max=0.5, help="[default: 0.05]")] = None,
     augment: Annotated[bool, typer.Option(help="All augmentation on/off.")] = True,
     flip: Annotated[bool, typer.Option(help="Random horizontal flip.")] = True,
     intensity: Annotated[bool, typer.Option(help="Brightness/contrast/gamma/noise/resample jitter.")] = True,
-    crop_area: Annotated[float, typer.Option(min=0.05, max=1.0, help="Random-resized crops keep at least this share of the area.")] = 0.40,
-    zoom_out: Annotated[float, typer.Option(min=0.0, max=2.0, help="Zoom-out range: the image shrinks to 1/(1+Z) of its side in a black border.")] = 0.40,
-    ema_decay: Annotated[float, typer.Option(min=0.0, max=0.99999, help="Weight averaging (EMA) decay per step; 0 turns it off.")] = 0.998,
-    threshold_rule: Annotated[str, typer.Option(help="robust (worst zoom row of validation) or clean.")] = "robust",
-    calibrate: Annotated[bool, typer.Option(help="Fit a temperature on validation and fold it into the model.")] = True,
+    crop_area: Annotated[Optional[float], typer.Option(min=0.05, max=1.0, help="Random-resized crops keep at least this share of the area [default: 0.4].")] = None,
+    zoom_out: Annotated[Optional[float], typer.Option(min=0.0, max=2.0, help="Zoom-out range: the image shrinks to 1/(1+Z) of its side in a black border [default: 0.4].")] = None,
+    ema_decay: Annotated[Optional[float], typer.Option(min=0.0, max=0.99999, help="Weight averaging (EMA) decay per step; 0 turns it off [default: 0.998].")] = None,
+    threshold_rule: Annotated[Optional[str], typer.Option(help="robust (worst zoom row of validation) or clean [default: robust].")] = None,
+    calibrate: Annotated[bool, typer.Option(help="Fit a temperature and bias on validation and fold them into the model.")] = True,
     class_balance: Annotated[bool, typer.Option(help="Class weights from training frequencies.")] = True,
     max_images: Annotated[Optional[int], typer.Option(min=4, help="Random subset, for quick trials.")] = None,
-    strategy: Annotated[str, typer.Option(help="auto, mirrored or default.")] = "auto",
+    strategy: Annotated[Optional[str], typer.Option(help="auto, mirrored or default [default: auto].")] = None,
     resume: Annotated[bool, typer.Option(help="Continue the interrupted run in --out.")] = False,
 ):
-    """Train a ResNet-18 on labelled chest X-rays (needs the [bold]train[/] extra)."""
+    """Train a ResNet-18 on labelled chest X-rays (needs the [bold]train[/] extra).
+
+    Defaults live in one place, training.train.TrainConfig and
+    training.augment.AugmentConfig; every option left out takes theirs, and the
+    whole configuration is checked before any image is decoded.
+    """
     try:
         from training.augment import AugmentConfig
         from training.data import DataError
@@ -105,26 +110,34 @@ def train(
     except ImportError as exc:
         raise _fail(f"training needs the train extra (pip install 'pneumo-edge[train]'): {exc}")
 
-    if threshold_rule not in ("robust", "clean"):
-        raise _fail(f"--threshold-rule must be robust or clean, got {threshold_rule!r}")
-    aug = AugmentConfig(crop_area=crop_area, zoom_out=zoom_out)
-    if not augment:
-        aug = AugmentConfig.off()
-    else:
-        if not flip:
-            aug = AugmentConfig(**(aug.to_dict() | {"flip": False}))
-        if not intensity:
-            aug = AugmentConfig(**(aug.to_dict() | {"brightness": 0, "contrast": 0, "gamma": 0,
-                                                    "noise": 0, "lowres": 0}))
-    if epochs is None and not resume:
-        epochs = 30
-    cfg = TrainConfig(data=str(data), out=str(out), arch=arch, img_size=img_size, epochs=epochs,
-                      batch_size=batch_size, lr=lr, weight_decay=weight_decay, dropout=dropout,
-                      label_smoothing=label_smoothing, schedule=schedule, patience=patience,
-                      val_fraction=val_fraction, seed=seed, target_sensitivity=target_sensitivity,
-                      augment=aug, class_balance=class_balance, max_images=max_images,
-                      strategy=strategy, ema_decay=ema_decay, threshold_rule=threshold_rule,
-                      calibrate=calibrate)
+    given = lambda **kw: {k: v for k, v in kw.items() if v is not None}
+    try:
+        aug = AugmentConfig(**given(crop_area=crop_area, zoom_out=zoom_out))
+        if not augment:
+            aug = AugmentConfig.off()
+        else:
+            if not flip:
+                aug = AugmentConfig(**(aug.to_dict() | {"flip": False}))
+            if not intensity:
+                aug = AugmentConfig(**(aug.to_dict() | {"brightness": 0, "contrast": 0,
+                                                        "gamma": 0, "noise": 0, "lowres": 0}))
+        if epochs is None and not resume:
+            epochs = TrainConfig.__dataclass_fields__["epochs"].default
+        cfg = TrainConfig(data=str(data), augment=aug, class_balance=class_balance,
+                          calibrate=calibrate, epochs=epochs, **given(
+                              out=None if out is None else str(out), arch=arch,
+                              img_size=img_size, batch_size=batch_size, lr=lr,
+                              weight_decay=weight_decay, dropout=dropout,
+                              label_smoothing=label_smoothing, schedule=schedule,
+                              patience=patience, val_fraction=val_fraction, seed=seed,
+                              target_sensitivity=target_sensitivity, max_images=max_images,
+                              strategy=strategy, ema_decay=ema_decay,
+                              threshold_rule=threshold_rule))
+    except ValueError as exc:
+        raise _fail(str(exc))
+    if not data.is_dir():
+        raise _fail(f"{data}: data folder not found")
+    out = Path(cfg.out)
 
     def on_epoch(epoch: int, logs: dict) -> None:
         console.print(
@@ -185,6 +198,7 @@ def export(
     calib_method: Annotated[str, typer.Option(help="minmax, entropy, percentile, or auto (best validation AUC).")] = "auto",
     max_val: Annotated[Optional[int], typer.Option(min=1, help="Evaluate on at most N validation images.")] = None,
     force: Annotated[bool, typer.Option("--force", help="Overwrite existing files.")] = False,
+    heads: Annotated[bool, typer.Option(help="Add the cam (heatmap) and ood outputs to the graph.")] = True,
     set_default: Annotated[bool, typer.Option("--set-default", help="Make this export predict's default (OUT/default.txt): INT8 if its val AUC is within 0.005 of FP32, else FP32.")] = False,
 ):
     """Export a trained run to ONNX with preprocessing, threshold and parity in its metadata."""
@@ -195,7 +209,7 @@ def export(
     try:
         result = export_run(source, out, fp16=fp16, int8=int8, name=name, opset=opset,
                             calib=calib, calib_size=calib_size, calib_method=calib_method,
-                            force=force, max_val=max_val, set_default=set_default,
+                            force=force, max_val=max_val, set_default=set_default, heads=heads,
                             progress=lambda msg: err.print(f"[dim]{msg}[/]", highlight=False))
     except ExportError as exc:
         raise _fail(str(exc))

@@ -150,7 +150,8 @@ def _providers_for(device: str) -> list:
     if "CUDAExecutionProvider" not in available:
         if device == "cuda":
             raise ModelError("--device cuda: this onnxruntime build has no CUDA provider "
-                             "(install onnxruntime-gpu on Linux x86-64 or Windows)")
+                             "(install onnxruntime-gpu on Linux x86-64 or Windows); "
+                             "use --device auto or cpu")
         return ["CPUExecutionProvider"]
     return ["CUDAExecutionProvider", "CPUExecutionProvider"]
 

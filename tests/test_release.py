@@ -1,4 +1,5 @@
-"""The shipped release models in exported/: metadata, the README's main command, the card."""
+"""The shipped release models in exported/: metadata, the README's main command, the card,
+the robustness suite and the heads on real validation X-rays (slow tests need ../shared)."""
 
 from __future__ import annotations
 
@@ -7,11 +8,13 @@ import json
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 from typer.testing import CliRunner
 
 from pneumo_edge.cli import EXIT_OK, app
 from pneumo_edge.predict import predict_paths
+from pneumo_edge.robustness import ZOOM_ROWS, read_split_csv, run_suite
 from pneumo_edge.runtime import default_model_path, load_model, read_metadata
 
 from conftest import SHARED_TRAIN
@@ -21,10 +24,15 @@ EXPORTED = ROOT / "exported"
 MODELS = sorted(EXPORTED.glob("*.onnx"))
 DESIGN_KEYS = {"schema", "input_name", "input_size", "channels", "value_range", "class_names",
                "positive_class", "threshold", "threshold_rule", "precision", "arch", "trained_on",
-               "val_metrics", "created", "pneumo_edge_version"}
+               "val_metrics", "created", "pneumo_edge_version", "outputs", "ood", "robustness",
+               "calibration", "versions"}
 
 pytestmark = pytest.mark.skipif(not (EXPORTED / "default.txt").is_file(),
                                 reason="no release model exported yet")
+
+
+def _metas() -> dict[str, dict]:
+    return {m["precision"]: m for m in (read_metadata(p)[0] for p in MODELS)}
 
 
 def test_three_precisions_with_complete_metadata():
@@ -32,14 +40,18 @@ def test_three_precisions_with_complete_metadata():
     assert set(by) == {"fp32", "fp16", "int8"}
     thresholds = set()
     for precision, path in by.items():
-        meta = read_metadata(path)[0]
+        meta, _, outputs = read_metadata(path)
         assert DESIGN_KEYS <= set(meta)
         assert meta["class_names"] == ["NORMAL", "PNEUMONIA"] and meta["arch"] == "resnet18"
+        assert [o["name"] for o in outputs] == ["pneumonia_prob", "cam", "ood"]
         assert path.stat().st_size < 50e6
         thresholds.add(meta["threshold"])
         assert meta["parity"]["images"] == "validation" and meta["parity"]["n_images"] > 500
+        assert meta["heads_parity"]["cam_mean_correlation_vs_fp32"] >= 0.95
+        assert meta["ood"]["val_flag_rate"] <= 0.02
     assert len(thresholds) == 1  # one decision rule, whatever the precision
     assert read_metadata(by["fp32"])[0]["parity"]["max_abs_diff"] <= 1e-4
+    assert read_metadata(by["fp32"])[0]["heads_parity"]["cam_max_abs_diff_vs_keras"] <= 1e-3
     assert read_metadata(by["fp16"])[0]["parity"]["max_abs_diff"] <= 1e-2
     assert read_metadata(by["int8"])[0]["parity"]["label_agreement"] >= 0.98
 
@@ -48,8 +60,10 @@ def test_default_follows_the_int8_rule(monkeypatch):
     monkeypatch.delenv("PNEUMO_EDGE_MODEL", raising=False)
     default = default_model_path()
     assert default is not None and default.is_file()
-    metas = {m["precision"]: m for m in (read_metadata(p)[0] for p in MODELS)}
-    int8_ok = metas["int8"]["val_metrics"]["auc"] >= metas["fp32"]["val_metrics"]["auc"] - 0.005
+    metas = _metas()
+    rob = metas["int8"]["robustness"]
+    int8_ok = (metas["int8"]["val_metrics"]["auc"] >= metas["fp32"]["val_metrics"]["auc"] - 0.005
+               and rob["max_auc_loss_vs_fp32"] <= 0.005 and rob["min_agreement_with_fp32"] >= 0.99)
     assert read_metadata(default)[0]["precision"] == ("int8" if int8_ok else "fp32")
 
 
@@ -57,32 +71,63 @@ def test_readme_main_command_on_examples(tmp_path, monkeypatch):
     monkeypatch.chdir(ROOT)
     monkeypatch.delenv("PNEUMO_EDGE_MODEL", raising=False)
     res = CliRunner().invoke(app, ["predict", "examples/xrays", "--report", "--out",
-                                   str(tmp_path)])
+                                   str(tmp_path), "--heatmaps", str(tmp_path / "heatmaps")])
     assert res.exit_code == EXIT_OK, res.output
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["n_images"] == 12 and report["metrics"]["n_labelled"] == 12
     assert report["metrics"]["accuracy"] >= 0.75  # held-out images; a sanity floor, not a claim
-    assert "ROC AUC" in res.output
+    assert all(p["in_distribution"] for p in report["predictions"])
+    assert len(list((tmp_path / "heatmaps").glob("*.png"))) == 12
+    assert "ROC AUC" in res.output and "data:image/png" in (tmp_path / "report.html").read_text()
+
+
+def _val():
+    return read_split_csv(EXPORTED / "val_split.csv", SHARED_TRAIN)
 
 
 @pytest.mark.slow
 @pytest.mark.skipif(not SHARED_TRAIN.is_dir(), reason="../shared data absent")
 @pytest.mark.parametrize("model_path", MODELS, ids=[p.stem for p in MODELS])
 def test_card_numbers_reproduce_on_the_validation_split(model_path):
-    rows = list(csv.DictReader(open(EXPORTED / "val_split.csv")))
-    files = [SHARED_TRAIN / r["path"] for r in rows]
+    files, labels = _val()
     model = load_model(model_path, device="cpu")
-    run = predict_paths(model, files, batch_size=32)
+    run = predict_paths(model, [Path(f) for f in files], batch_size=32,
+                        truths=["PNEUMONIA" if y else "NORMAL" for y in labels])
     assert not run.failures
-    assert [p.truth for p in run.predictions] == [r["label"] for r in rows]
     stored = model.meta["val_metrics"]
     m = run.metrics
-    assert m.n_labelled == stored["n_labelled"] == len(rows)
+    assert m.n_labelled == stored["n_labelled"] == len(files)
     assert m.auc == pytest.approx(stored["auc"], abs=1e-4)
     for key in ("tp", "fp", "tn", "fn"):
         assert abs(getattr(m, key) - stored[key]) <= 1  # a probability on the threshold may flip
+    flagged = sum(p.in_distribution is False for p in run.predictions) / len(run.predictions)
+    assert flagged <= 0.02
     card = (EXPORTED / "MODEL_CARD.md").read_text()
     line = next(l for l in card.splitlines() if l.startswith(f"| {model.precision} "))
     for value in (stored["accuracy"], stored["auc"], stored["recall"], stored["specificity"]):
         assert f"{value:.4f}" in line, (value, line)
     assert re.search(rf"\b{stored['tp']}\b.*\b{stored['fn']}\b", line)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not SHARED_TRAIN.is_dir(), reason="../shared data absent")
+def test_robustness_suite_on_the_release_models():
+    """The suite reproduces the rows stored at export, for FP32 and INT8, and INT8 agrees."""
+    files, labels = _val()
+    results = {}
+    for precision in ("fp32", "int8"):
+        path = EXPORTED / f"pneumo_resnet18_{precision}.onnx"
+        model = load_model(path, device="cpu")
+        res = run_suite(model.run, model.preprocess, files, labels, model.threshold)
+        stored = {r["perturbation"]: r for r in model.meta["robustness"]["rows"]}
+        for row in res.rows:
+            assert row.auc == pytest.approx(stored[row.perturbation]["auc"], abs=1e-4)
+            assert row.specificity == pytest.approx(stored[row.perturbation]["specificity"],
+                                                    abs=2 / len(files))
+        results[precision] = res
+    agree = results["int8"].agreement_with(results["fp32"])
+    assert set(agree) == {r.perturbation for r in results["fp32"].rows}
+    assert min(agree.values()) == pytest.approx(
+        _metas()["int8"]["robustness"]["min_agreement_with_fp32"], abs=2 / len(files))
+    zoom_spec = min(results["fp32"].row(r).specificity for r in ZOOM_ROWS)
+    assert np.isfinite(zoom_spec)

@@ -252,3 +252,26 @@ def test_real_subset_trains(tmp_path):
     assert not ({r["patient"] for r in rows if r["subset"] == "train"}
                 & {r["patient"] for r in rows if r["subset"] == "val"})
     assert json.loads((tmp_path / "run" / "val_metrics.json").read_text())["threshold"] >= 0
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--arch", "resnet19"], "--arch must be one of resnet18, resnet_tiny"),
+    (["--strategy", "mirorred"], "--strategy must be one of"),
+    (["--schedule", "linear"], "--schedule must be one of cosine, plateau"),
+    (["--threshold-rule", "best"], "--threshold-rule must be one of robust, clean"),
+])
+def test_train_options_are_checked_before_any_work(data_dir, tmp_path, args, message):
+    from typer.testing import CliRunner
+    from pneumo_edge.cli import EXIT_USAGE, app
+
+    res = CliRunner().invoke(app, ["train", "--data", str(data_dir), "--out",
+                                   str(tmp_path / "r"), *args])
+    assert res.exit_code == EXIT_USAGE and message in res.output, res.output
+    assert not (tmp_path / "r").exists()  # refused before the run folder or any decoding
+
+
+def test_config_defaults_live_in_one_place():
+    cfg = TrainConfig(data="x")
+    assert cfg.epochs == 30 and cfg.arch == "resnet18" and cfg.augment == AugmentConfig()
+    with pytest.raises(ValueError, match="--val-fraction"):
+        TrainConfig(data="x", val_fraction=1.5)

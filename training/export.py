@@ -71,6 +71,7 @@ class _Source:
     val_labels: np.ndarray
     train_paths: list[str]
     trained_on: str
+    val_record: dict = field(default_factory=dict)
 
 
 def _load_source(source: Path) -> _Source:
@@ -92,7 +93,7 @@ def _load_source(source: Path) -> _Source:
         return _Source(keras_path, config, float(val["threshold"]), str(val["threshold_rule"]),
                        [s.path for s in val_s], [s.patient for s in val_s],
                        np.array([s.label for s in val_s]),
-                       [s.path for s in train_s], trained_on)
+                       [s.path for s in train_s], trained_on, val)
     if source.is_file() and source.suffix == ".keras":
         return _Source(source, {}, 0.5, "default_0.5_not_validated", [], [], np.array([]), [],
                        "unknown (exported from a bare .keras file)")
@@ -380,6 +381,7 @@ def _metadata(src: _Source, cfg: PreprocessConfig, precision: str, result: Preci
             "img_size", "epochs", "batch_size", "lr", "weight_decay", "dropout",
             "label_smoothing", "schedule", "seed", "augment", "class_balance")
             if k in src.config},
+        "calibration": src.val_record.get("calibration"),
         "opset": opset,
         "versions": {"export": environment(), "training": src.config.get("versions")},
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),

@@ -27,6 +27,10 @@ from .data import (CLASS_NAMES, class_weights, discover, load_arrays, make_datas
                    patient_split, read_split, to_model_input_np, write_split)
 
 
+SCHEDULES = ("cosine", "plateau")
+STRATEGIES = ("auto", "mirrored", "default")
+
+
 @dataclass
 class TrainConfig:
     data: str
@@ -34,7 +38,7 @@ class TrainConfig:
     arch: str = "resnet18"
     img_size: int = 180
     channels: int = 3
-    epochs: int = 30
+    epochs: int | None = 30   # None only with resume: keep the run's own total
     batch_size: int = 32
     lr: float = 1e-3
     weight_decay: float = 1e-4   # decoupled (AdamW)
@@ -61,6 +65,40 @@ class TrainConfig:
     # "clean": the Youden plateau on clean validation (the 0.1 rule)
     threshold_rule: str = "robust"
     calibrate: bool = True       # fit a temperature on validation, folded into the model
+
+    def __post_init__(self) -> None:
+        """Check the whole configuration before any work (a typo costs nothing)."""
+        from pneumo_edge.robustness import PERTURBATIONS
+
+        from .models import MODELS
+
+        def one_of(name, value, choices):
+            if value not in choices:
+                raise ValueError(f"--{name.replace('_', '-')} must be one of "
+                                 f"{', '.join(map(str, choices))}, got {value!r}")
+
+        one_of("arch", self.arch, tuple(MODELS))
+        one_of("schedule", self.schedule, SCHEDULES)
+        one_of("strategy", self.strategy, STRATEGIES)
+        one_of("mixed_precision", self.mixed_precision, ("auto", "on", "off"))
+        one_of("threshold_rule", self.threshold_rule, ("robust", "clean"))
+        for row in self.select_rows:
+            one_of("select_rows", row, PERTURBATIONS)
+        checks = [("img_size", self.img_size >= 16, "at least 16"),
+                  ("epochs", self.epochs is None or self.epochs >= 1, "at least 1"),
+                  ("batch_size", self.batch_size >= 1, "at least 1"),
+                  ("lr", self.lr > 0, "positive"),
+                  ("val_fraction", 0.0 < self.val_fraction < 1.0, "between 0 and 1"),
+                  ("dropout", 0.0 <= self.dropout < 1.0, "in [0, 1)"),
+                  ("label_smoothing", 0.0 <= self.label_smoothing < 0.5, "in [0, 0.5)"),
+                  ("ema_decay", 0.0 <= self.ema_decay < 1.0, "in [0, 1)"),
+                  ("patience", self.patience >= 1, "at least 1"),
+                  ("target_sensitivity", self.target_sensitivity is None
+                   or 0.0 < self.target_sensitivity <= 1.0, "in (0, 1]")]
+        for name, ok, rule in checks:
+            if not ok:
+                raise ValueError(f"--{name.replace('_', '-')} must be {rule}, "
+                                 f"got {getattr(self, name)!r}")
 
     def to_dict(self) -> dict:
         d = asdict(self)

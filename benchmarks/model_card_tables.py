@@ -1,0 +1,125 @@
+"""Regenerate the numeric tables of exported/MODEL_CARD.md from the release files.
+
+    python benchmarks/model_card_tables.py
+
+Reads the ``pneumo_edge`` metadata of ``exported/*.onnx`` (validation metrics,
+robustness suite, calibration, OOD, parity, written by ``export``) and
+``benchmarks/results.json`` (latency), and rewrites the card between the
+markers ``<!-- tables:start -->`` and ``<!-- tables:end -->``. Every number in
+that part of the card comes from these files; nothing is typed by hand.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from pneumo_edge.robustness import ZOOM_ROWS  # noqa: E402
+from pneumo_edge.runtime import read_metadata  # noqa: E402
+
+START, END = "<!-- tables:start -->", "<!-- tables:end -->"
+
+
+def _latency() -> dict:
+    path = ROOT / "benchmarks" / "results.json"
+    if not path.exists():
+        return {}
+    rows = json.loads(path.read_text())["formats"]["rows"]
+    return {r["precision"]: r["latency"] for r in rows if r["fmt"] == "onnx"
+            and r["name"].startswith("pneumo_resnet18_")}
+
+
+def tables() -> str:
+    metas = {}
+    for p in sorted((ROOT / "exported").glob("pneumo_resnet18_*.onnx")):
+        meta = read_metadata(p)[0]
+        metas[meta["precision"]] = (p, meta)
+    order = [k for k in ("fp32", "fp16", "int8") if k in metas]
+    lat = _latency()
+    fp32 = metas["fp32"][1]
+    n_val = fp32["val_metrics"]["n_labelled"]
+    out = [f"## Validation metrics per precision ({n_val} images, threshold "
+           f"{fp32['threshold']:.4f})", "",
+           "| precision | accuracy | AUC | sensitivity | specificity | TP / FN / TN / FP | size MB "
+           "| p50 ms b1 | p50 ms b32 |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    f = lambda v, s=".4f": "n/a" if v is None else format(v, s)
+    for k in order:
+        path, meta = metas[k]
+        m = meta["val_metrics"]
+        la = lat.get(k, {})
+        out.append(f"| {k} | {m['accuracy']:.4f} | {m['auc']:.4f} | {m['recall']:.4f} | "
+                   f"{m['specificity']:.4f} | {m['tp']} / {m['fn']} / {m['tn']} / {m['fp']} | "
+                   f"{path.stat().st_size / 1e6:.1f} | {f(la.get('1', {}).get('p50_ms'), '.2f')} | "
+                   f"{f(la.get('32', {}).get('p50_ms'), '.2f')} |")
+    out += ["", f"## Robustness suite ({n_val} validation images, threshold {fp32['threshold']:.4f})",
+            "", "Each row re-runs the validation images under one fixed perturbation "
+            "(`pneumo_edge/robustness.py`); |dp| is the mean change of P(PNEUMONIA) against the "
+            "clean row, flipped the share of labels that change, agreement the share of INT8 "
+            "labels equal to FP32's.", "",
+            "| perturbation | FP32 AUC | FP32 sens | FP32 spec | FP32 mean abs dp | FP32 flipped "
+            "| INT8 AUC | INT8 sens | INT8 spec | INT8 agreement with FP32 |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    rows32 = {r["perturbation"]: r for r in fp32["robustness"]["rows"]}
+    int8 = metas.get("int8", (None, {}))[1].get("robustness", {})
+    rows8 = {r["perturbation"]: r for r in int8.get("rows", [])}
+    agree = int8.get("agreement_with_fp32", {})
+    for name, r in rows32.items():
+        q = rows8.get(name, {})
+        out.append(f"| {name} | {f(r['auc'])} | {r['sensitivity']:.4f} | {r['specificity']:.4f} | "
+                   f"{r['mean_abs_dp']:.4f} | {r['flipped']:.4f} | {f(q.get('auc'))} | "
+                   f"{f(q.get('sensitivity'))} | {f(q.get('specificity'))} | "
+                   f"{f(agree.get(name))} |")
+    zoom = [rows32[z] for z in ZOOM_ROWS]
+    out += ["", "Against the release criteria (FP32 / INT8): lowest AUC over all rows "
+            f"{min(r['auc'] for r in rows32.values()):.4f} / "
+            f"{min(r['auc'] for r in rows8.values()):.4f} (target >= 0.99); lowest specificity "
+            f"in a zoom row {min(r['specificity'] for r in zoom):.4f} / "
+            f"{min(rows8[z]['specificity'] for z in ZOOM_ROWS):.4f} (>= 0.92); lowest "
+            f"sensitivity in a zoom row {min(r['sensitivity'] for r in zoom):.4f} / "
+            f"{min(rows8[z]['sensitivity'] for z in ZOOM_ROWS):.4f} (>= 0.95); INT8 "
+            f"agreement with FP32 at least {int8.get('min_agreement_with_fp32', float('nan')):.4f} "
+            f"in every row (>= 0.99), largest INT8 AUC loss "
+            f"{int8.get('max_auc_loss_vs_fp32', float('nan')):.4f} (<= 0.005)."]
+    cal = fp32.get("calibration") or {}
+    if cal:
+        out += ["", "## Calibration", "",
+                f"Platt scaling fitted on clean validation and folded into the output layer: "
+                f"temperature {cal['temperature']:.3f}, bias {cal.get('bias', 0.0):+.3f}. "
+                f"Expected calibration error ({cal.get('bins', 15)} bins) "
+                f"{cal['ece_before']:.4f} before, {cal['ece_after']:.4f} after."]
+    ood = fp32.get("ood") or {}
+    if ood:
+        hp = {k: metas[k][1].get("heads_parity", {}) for k in order}
+        out += ["", "## Heatmap and OOD outputs", "",
+                f"`ood`: {ood['kind']} distance of the pooled features, {ood['covariance']} "
+                f"(shrinkage {ood['shrinkage']:.3f}), fitted on {ood['fitted_on']}; threshold "
+                f"{ood['threshold']:.2f} = {ood['threshold_rule']}; "
+                f"{100 * ood['val_flag_rate']:.1f} % of validation images flagged (FP32).", "",
+                "| precision | cam max abs diff vs Keras | cam correlation with FP32 (mean / min) "
+                "| OOD max rel. diff vs FP32 |", "| --- | --- | --- | --- |"]
+        for k in order:
+            h = hp[k]
+            out.append(f"| {k} | {h['cam_max_abs_diff_vs_keras']:.2e} | "
+                       f"{h['cam_mean_correlation_vs_fp32']:.4f} / "
+                       f"{h['cam_min_correlation_vs_fp32']:.4f} | "
+                       f"{h['ood_max_rel_diff_vs_fp32']:.2e} |")
+    return "\n".join(out) + "\n"
+
+
+def main() -> None:
+    card = ROOT / "exported" / "MODEL_CARD.md"
+    text = card.read_text()
+    if START not in text or END not in text:
+        sys.exit(f"{card}: no {START} ... {END} markers")
+    head, rest = text.split(START, 1)
+    _, tail = rest.split(END, 1)
+    card.write_text(head + START + "\n" + tables() + END + tail)
+    print(tables())
+
+
+if __name__ == "__main__":
+    main()
