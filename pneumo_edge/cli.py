@@ -11,11 +11,12 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from rich.console import Console
-from rich.table import Table
 from rich.text import Text
 
 from . import __version__
+from .console import (console, err, plain, render_benchmark, render_export, render_failures,
+                      render_info, render_predictions, render_robustness, render_summary,
+                      render_train_result, say)
 
 EXIT_OK = 0
 EXIT_SOME_FAILED = 1
@@ -26,24 +27,12 @@ app = typer.Typer(
     add_completion=False, no_args_is_help=True, rich_markup_mode="rich",
     help="Chest X-ray pneumonia screening on edge boxes: train, export, predict, info, benchmark. "
          "A research and engineering tool, not a medical device.")
-console = Console()
-err = Console(stderr=True)
 
 
 class Device(str, Enum):
     auto = "auto"
     cpu = "cpu"
     cuda = "cuda"
-
-
-_CONTROL = {c: f"\\x{c:02x}" for c in (*range(0x20), *range(0x7f, 0xa0))}
-
-
-def plain(value: object) -> Text:
-    """A user-controlled string shown literally: no markup, control characters escaped,
-    bytes that are not UTF-8 shown as \\udcXX."""
-    text = str(value).encode("utf-8", "backslashreplace").decode("utf-8")
-    return Text(text.translate(_CONTROL))
 
 
 def _fail(message: str, code: int = EXIT_USAGE) -> "typer.Exit":
@@ -162,27 +151,7 @@ def train(
     except TrainInterrupted as exc:
         raise _fail(str(exc), EXIT_INTERRUPTED)
 
-    m = result.val_metrics
-    table = Table(title="training finished", show_header=False)
-    for key, value in [
-        ("devices", ", ".join(result.devices)),
-        ("images train / val", f"{result.n_train} / {result.n_val} (split by patient)"),
-        ("best epoch", f"{result.best_epoch} of {result.epochs_run}"),
-        ("val AUC", f"{m['auc']:.4f}"),
-        ("sensitivity", f"{m['recall']:.4f}"),
-        ("specificity", f"{m['specificity']:.4f}"),
-        ("accuracy", f"{m['accuracy']:.4f}"),
-        ("threshold", f"{result.threshold:.4f} ({result.threshold_rule})"),
-        ("wall time", f"{result.seconds / 60:.1f} min"),
-        ("run folder", str(result.run_dir)),
-    ]:
-        table.add_row(key, value)
-    console.print(table)
-    if result.no_patient_files:
-        console.print(f"[yellow]note:[/] {result.no_patient_files} files carry no patient id "
-                      "in their name and were split per file.")
-    console.print("[dim]Validation carved from the training folder overestimates performance "
-                  "on new sites; not a medical device.[/]")
+    render_train_result(result)
 
 
 @app.command()
@@ -210,39 +179,10 @@ def export(
         result = export_run(source, out, fp16=fp16, int8=int8, name=name, opset=opset,
                             calib=calib, calib_size=calib_size, calib_method=calib_method,
                             force=force, max_val=max_val, set_default=set_default, heads=heads,
-                            progress=lambda msg: err.print(f"[dim]{msg}[/]", highlight=False))
+                            progress=say)
     except ExportError as exc:
         raise _fail(str(exc))
-    table = Table(title=f"exported (threshold {result.threshold:.4f}, {result.threshold_rule}; "
-                        f"{result.n_val} validation images)", title_justify="left")
-    for col in ("precision", "file", "MB", "max|Δp| vs Keras", "agree", "AUC", "sens", "spec"):
-        table.add_column(col)
-    for r in result.files:
-        m = r.val_metrics or {}
-        fmt = lambda v, spec: "n/a" if v is None else format(v, spec)
-        table.add_row(r.precision, str(r.path), f"{r.size_bytes / 1e6:.1f}",
-                      fmt(r.max_abs_diff, ".2e"), fmt(r.label_agreement, ".4f"),
-                      fmt(m.get("auc"), ".4f"), fmt(m.get("recall"), ".4f"),
-                      fmt(m.get("specificity"), ".4f"))
-    console.print(table)
-    for r in result.files:
-        rob, ood = r.extra.get("robustness"), r.extra.get("ood")
-        parts = []
-        if rob:
-            w = rob["worst"]
-            parts.append(f"robustness worst AUC {w['auc']['value']:.4f} ({w['auc']['row']}), "
-                         f"sens {w['sensitivity']['value']:.3f} ({w['sensitivity']['row']}), "
-                         f"spec {w['specificity']['value']:.3f} ({w['specificity']['row']})")
-            if "min_agreement_with_fp32" in rob:
-                parts.append(f"agreement with fp32 >= {rob['min_agreement_with_fp32']:.4f}")
-        if ood:
-            parts.append(f"OOD threshold {ood['threshold']:.2f}, "
-                         f"{100 * ood['val_flag_rate']:.1f} % of validation flagged")
-        if parts:
-            console.print(plain(f"{r.precision}: " + "; ".join(parts)), highlight=False)
-    if set_default:
-        default = (out / "default.txt").read_text().strip()
-        console.print(f"predict's default model: {out / default}", highlight=False)
+    render_export(result, out, set_default)
 
 
 def _resolve_model(model: Optional[Path]) -> Path:
@@ -355,25 +295,10 @@ def predict(
                         "earlier report files were left as they were")
 
     if not quiet:
-        limit = len(run.predictions) if out is None else show
-        table = Table(title=f"predictions ({len(run.predictions)})", title_justify="left")
-        for col in ("file", "P(PNEUMONIA)", "label", "truth", "OOD", "flags"):
-            table.add_column(col, overflow="fold")
-        for p in run.predictions[:limit]:
-            wrong = p.truth is not None and p.truth != p.label
-            style = "red" if wrong else None
-            table.add_row(plain(p.path), f"{p.probability:.4f}", p.label, p.truth or "",
-                          "" if p.ood_score is None else f"{p.ood_score:.1f}",
-                          plain("; ".join(p.warnings)), style=style)
-        if run.predictions:
-            console.print(table)
-        if limit < len(run.predictions):
-            console.print(Text(f"showing {limit} of {len(run.predictions)}; all rows are in ",
-                               style="dim") + plain(written["csv"]))
-    for f in run.failures:
-        err.print(Text("failed: ", style="red") + plain(f"{f.path}: {f.error}"),
-                  highlight=False, soft_wrap=True)
-    _print_summary(run)
+        render_predictions(run, len(run.predictions) if out is None else show,
+                           written.get("csv"))
+    render_failures(run)
+    render_summary(run)
     for path in written.values():
         console.print(Text("wrote ") + plain(path), highlight=False)
     if run.heatmaps:
@@ -384,35 +309,12 @@ def predict(
         raise typer.Exit(EXIT_SOME_FAILED)
 
 
-def _print_summary(run) -> None:
-    lat = run.latency_ms
-    table = Table(title="summary", show_header=False, title_justify="left")
-    table.add_row("model", plain(f"{run.model['path']} ({run.model['precision']}, "
-                                 f"{run.model['provider']})"))
-    table.add_row("threshold", f"{run.model['threshold']:.4f}")
-    table.add_row("images", f"{run.n_images} ({len(run.predictions)} predicted, {len(run.failures)} failed)")
-    table.add_row("flagged", f"{run.n_flagged} (input checks or out of distribution; "
-                             f"--flagged-as {run.flagged_as})")
-    m = run.metrics
-    if m is not None:
-        table.add_row("labelled", str(m.n_labelled))
-        table.add_row("accuracy", f"{m.accuracy:.4f}")
-        table.add_row("sensitivity", f"{m.recall:.4f}  (TP {m.tp}, FN {m.fn})")
-        table.add_row("specificity", f"{m.specificity:.4f}  (TN {m.tn}, FP {m.fp})")
-        table.add_row("precision / F1", f"{m.precision:.4f} / {m.f1:.4f}")
-        table.add_row("ROC AUC", "n/a (one class)" if m.auc is None else f"{m.auc:.4f}")
-    if lat["mean"] is not None:
-        table.add_row("model ms/image", f"mean {lat['mean']:.2f}, p50 {lat['p50']:.2f}, "
-                                        f"p95 {lat['p95']:.2f}, p99 {lat['p99']:.2f} (batch {run.batch_size})")
-    table.add_row("end-to-end", f"{run.seconds:.2f} s, {run.images_per_second:.1f} images/s")
-    console.print(table)
+
 
 
 @app.command()
 def info(model: Annotated[Path, typer.Argument(help="An exported ONNX model.")]):
     """Show a model's pneumo_edge metadata, inputs, outputs, size and sha256."""
-    import json as _json
-
     from .runtime import ModelError, file_sha256, read_metadata
 
     if not model.is_file():
@@ -421,17 +323,7 @@ def info(model: Annotated[Path, typer.Argument(help="An exported ONNX model.")])
         meta, inputs, outputs = read_metadata(model)
     except ModelError as exc:
         raise _fail(str(exc))
-    table = Table(title=str(model), show_header=False, title_justify="left")
-    table.add_row("size", f"{model.stat().st_size / 1e6:.2f} MB")
-    table.add_row("sha256", file_sha256(model))
-    for i in inputs:
-        table.add_row("input", f"{i['name']} {i['shape']} {i['type']}")
-    for o in outputs:
-        table.add_row("output", f"{o['name']} {o['shape']} {o['type']}")
-    for key, value in meta.items():
-        text = _json.dumps(value) if isinstance(value, (dict, list)) else str(value)
-        table.add_row(key, text)
-    console.print(table)
+    render_info(model, file_sha256(model), meta, inputs, outputs)
 
 
 @app.command()
@@ -490,7 +382,6 @@ def robustness(
         import numpy as _np
         keep = _np.sort(_np.random.default_rng(0).permutation(len(files))[:max_images])
         files, labels = [files[i] for i in keep], [labels[i] for i in keep]
-    say = lambda m: err.print(f"[dim]{m}[/]", highlight=False)
     try:
         result = run_suite(predict, cfg, files, labels, thr, perturbations=names,
                            model_name=str(source), progress=say)
@@ -503,32 +394,13 @@ def robustness(
             agreement = result.agreement_with(ref)
     except (ModelError, ValueError) as exc:
         raise _fail(str(exc))
-    table = Table(title=f"robustness of {source} on {len(result.labels)} images "
-                        f"(threshold {thr:.4f})", title_justify="left")
-    cols = ["perturbation", "AUC", "sens", "spec", "acc", "mean|Δp|", "flipped"]
-    cols += ["agree vs ref"] if agreement else []
-    for col in cols:
-        table.add_column(col, justify="left" if col == "perturbation" else "right")
-    fmt = lambda v, spec=".4f": "n/a" if v is None else format(v, spec)
-    for r in result.rows:
-        cells = [r.perturbation, fmt(r.auc), fmt(r.sensitivity), fmt(r.specificity),
-                 fmt(r.accuracy), fmt(r.mean_abs_dp), fmt(r.flipped, ".3f")]
-        if agreement:
-            cells.append(fmt(agreement.get(r.perturbation), ".4f"))
-        table.add_row(*cells)
-    console.print(table)
-    worst = result.worst()
-    console.print("worst: " + ", ".join(f"{k} {v['value']:.4f} ({v['row']})" for k, v in worst.items()),
-                  highlight=False, markup=False)
-    if result.n_failed:
-        console.print(f"{result.n_failed} files could not be decoded and were left out",
-                      highlight=False, markup=False)
+    render_robustness(source, result, thr, agreement)
     payload = result.to_dict() | ({"reference": str(reference), "agreement": agreement}
                                   if agreement else {})
     target = out if out is not None else (source if is_run else None)
     if target is not None:
         atomic_write(Path(target) / "robustness.json", _json.dumps(payload, indent=2) + "\n")
-        console.print(f"wrote {Path(target) / 'robustness.json'}", highlight=False, markup=False)
+        console.print(plain(f"wrote {Path(target) / 'robustness.json'}"), highlight=False)
     if is_run:
         record_worst(source, result)
 
@@ -576,35 +448,17 @@ def benchmark(
         result = run_benchmark(paths, data=data, keras_source=keras, keras_loader=keras_loader,
                                batch_sizes=sizes,
                                threads=threads, device=device.value, min_seconds=seconds,
-                               progress=lambda m: err.print(f"[dim]{m}[/]", highlight=False))
+                               progress=say)
     except ModelError as exc:
         raise _fail(str(exc))
     except ImportError as exc:
         raise _fail(f"--keras needs TensorFlow (the train extra): {exc}")
-    m = result.machine
-    table = Table(title=f"{m['cpu']} | {m['physical_cores']} cores, {m['threads']} threads | "
-                        f"onnxruntime {m['onnxruntime']} ({m.get('provider')}) | "
-                        f"{result.n_images} images, {result.n_labelled} labelled",
-                  title_justify="left")
-    for col in ["format", "MB", "acc", "AUC", "sens", "spec"] + [f"ms b{b}" for b in sizes] + [
-            f"img/s b{sizes[-1]}", "speedup"]:
-        table.add_column(col, justify="left" if col == "format" else "right", overflow="fold")
-    f = lambda v, s=".3f": "n/a" if v is None else format(v, s)
-    for r in result.rows:
-        mt = r.metrics or {}
-        table.add_row(f"{r.fmt} {r.precision}", f"{r.size_mb:.1f}", f(mt.get("accuracy")),
-                      f(mt.get("auc")), f(mt.get("recall")), f(mt.get("specificity")),
-                      *[f(r.latency[str(b)]["p50_ms"], ".2f") for b in sizes],
-                      f(r.latency[str(sizes[-1])]["images_per_second"], ".0f"),
-                      f(r.speedup_vs_first, ".2f") + "x")
-    console.print(table)
-    console.print("[dim]ms: p50 model time per image at each batch size (p95 in benchmark.json/.md); "
-                  "metrics at each model's own threshold. Rows: "
-                  + ", ".join(r.name for r in result.rows) + "[/]", highlight=False)
+    render_benchmark(result, sizes)
     if out is not None:
         atomic_write(out / "benchmark.json", _json.dumps(result.to_dict(), indent=2) + "\n")
         atomic_write(out / "benchmark.md", markdown_table(result))
-        console.print(f"wrote {out / 'benchmark.json'} and {out / 'benchmark.md'}", highlight=False)
+        console.print(plain(f"wrote {out / 'benchmark.json'} and {out / 'benchmark.md'}"),
+                      highlight=False)
 
 
 def main() -> None:

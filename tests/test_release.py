@@ -3,7 +3,6 @@ the robustness suite and the heads on real validation X-rays (slow tests need ..
 
 from __future__ import annotations
 
-import csv
 import json
 import re
 from pathlib import Path

@@ -12,7 +12,6 @@ from typer.testing import CliRunner
 from pneumo_edge.cli import EXIT_USAGE, app
 from pneumo_edge.metrics import (apply_temperature, choose_threshold_robust,
                                  expected_calibration_error, fit_platt, fit_temperature)
-from pneumo_edge.preprocess import PreprocessConfig
 from pneumo_edge.robustness import PERTURBATIONS, perturb, run_suite
 
 from conftest import make_tiny_onnx

@@ -1,0 +1,202 @@
+"""Terminal rendering of the library's results (rich). The CLI parses and calls; this draws.
+
+Every user-controlled string (paths, file names, metadata, error messages) goes
+through :func:`plain`: shown literally, never as rich markup, with control
+characters escaped, so a file named ``chest[pa].jpeg`` or one carrying terminal
+escape bytes prints as it is named.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+__all__ = ["console", "err", "plain", "say", "render_train_result", "render_export",
+           "render_predictions", "render_summary", "render_info", "render_robustness",
+           "render_benchmark"]
+
+console = Console()
+err = Console(stderr=True)
+
+_CONTROL = {c: f"\\x{c:02x}" for c in (*range(0x20), *range(0x7f, 0xa0))}
+
+
+def plain(value: object, style: str | None = None) -> Text:
+    """A user-controlled string shown literally: no markup, control characters escaped,
+    bytes that are not UTF-8 shown as \\udcXX."""
+    text = str(value).encode("utf-8", "backslashreplace").decode("utf-8")
+    return Text(text.translate(_CONTROL), style=style or "")
+
+
+def say(message: str) -> None:
+    """A dim progress line on stderr."""
+    err.print(plain(message, "dim"), highlight=False)
+
+
+def _fmt(v, spec: str = ".4f") -> str:
+    return "n/a" if v is None else format(v, spec)
+
+
+def render_train_result(result) -> None:
+    m = result.val_metrics
+    table = Table(title="training finished", show_header=False)
+    for key, value in [
+        ("devices", ", ".join(result.devices)),
+        ("images train / val", f"{result.n_train} / {result.n_val} (split by patient)"),
+        ("best epoch", f"{result.best_epoch} of {result.epochs_run}"),
+        ("val AUC", f"{m['auc']:.4f}"),
+        ("sensitivity", f"{m['recall']:.4f}"),
+        ("specificity", f"{m['specificity']:.4f}"),
+        ("accuracy", f"{m['accuracy']:.4f}"),
+        ("threshold", f"{result.threshold:.4f} ({result.threshold_rule})"),
+        ("wall time", f"{result.seconds / 60:.1f} min"),
+        ("run folder", plain(result.run_dir)),
+    ]:
+        table.add_row(key, value)
+    console.print(table)
+    if result.no_patient_files:
+        console.print(f"[yellow]note:[/] {result.no_patient_files} files carry no patient id "
+                      "in their name and were split per file.")
+    console.print("[dim]Validation carved from the training folder overestimates performance "
+                  "on new sites; not a medical device.[/]")
+
+
+def render_export(result, out: Path, set_default: bool) -> None:
+    table = Table(title=f"exported (threshold {result.threshold:.4f}, {result.threshold_rule}; "
+                        f"{result.n_val} validation images)", title_justify="left")
+    for col in ("precision", "file", "MB", "max|Δp| vs Keras", "agree", "AUC", "sens", "spec"):
+        table.add_column(col)
+    for r in result.files:
+        m = r.val_metrics or {}
+        table.add_row(r.precision, plain(r.path), f"{r.size_bytes / 1e6:.1f}",
+                      _fmt(r.max_abs_diff, ".2e"), _fmt(r.label_agreement),
+                      _fmt(m.get("auc")), _fmt(m.get("recall")), _fmt(m.get("specificity")))
+    console.print(table)
+    for r in result.files:
+        rob, ood = r.extra.get("robustness"), r.extra.get("ood")
+        parts = []
+        if rob:
+            w = rob["worst"]
+            parts.append(f"robustness worst AUC {w['auc']['value']:.4f} ({w['auc']['row']}), "
+                         f"sens {w['sensitivity']['value']:.3f} ({w['sensitivity']['row']}), "
+                         f"spec {w['specificity']['value']:.3f} ({w['specificity']['row']})")
+            if "min_agreement_with_fp32" in rob:
+                parts.append(f"agreement with fp32 >= {rob['min_agreement_with_fp32']:.4f}")
+        if ood:
+            parts.append(f"OOD threshold {ood['threshold']:.2f}, "
+                         f"{100 * ood['val_flag_rate']:.1f} % of validation flagged")
+        if parts:
+            console.print(plain(f"{r.precision}: " + "; ".join(parts)), highlight=False)
+    if set_default:
+        default = (out / "default.txt").read_text().strip()
+        console.print(plain(f"predict's default model: {out / default}"), highlight=False)
+
+
+def render_predictions(run, limit: int, csv_path: Path | None) -> None:
+    table = Table(title=f"predictions ({len(run.predictions)})", title_justify="left")
+    for col in ("file", "P(PNEUMONIA)", "label", "truth", "OOD", "flags"):
+        table.add_column(col, overflow="fold")
+    for p in run.predictions[:limit]:
+        wrong = p.truth is not None and p.truth != p.label
+        table.add_row(plain(p.path), f"{p.probability:.4f}", p.label, p.truth or "",
+                      "" if p.ood_score is None else f"{p.ood_score:.1f}",
+                      plain("; ".join(p.warnings)), style="red" if wrong else None)
+    if run.predictions:
+        console.print(table)
+    if limit < len(run.predictions) and csv_path is not None:
+        console.print(Text(f"showing {limit} of {len(run.predictions)}; all rows are in ",
+                           style="dim") + plain(csv_path))
+
+
+def render_failures(run) -> None:
+    for f in run.failures:
+        err.print(Text("failed: ", style="red") + plain(f"{f.path}: {f.error}"),
+                  highlight=False, soft_wrap=True)
+
+
+def render_summary(run) -> None:
+    lat = run.latency_ms
+    table = Table(title="summary", show_header=False, title_justify="left")
+    table.add_row("model", plain(f"{run.model['path']} ({run.model['precision']}, "
+                                 f"{run.model['provider']})"))
+    table.add_row("threshold", f"{run.model['threshold']:.4f}")
+    table.add_row("images", f"{run.n_images} ({len(run.predictions)} predicted, "
+                            f"{len(run.failures)} failed)")
+    table.add_row("flagged", f"{run.n_flagged} (input checks or out of distribution; "
+                             f"--flagged-as {run.flagged_as})")
+    m = run.metrics
+    if m is not None:
+        table.add_row("labelled", str(m.n_labelled))
+        table.add_row("accuracy", f"{m.accuracy:.4f}")
+        table.add_row("sensitivity", f"{m.recall:.4f}  (TP {m.tp}, FN {m.fn})")
+        table.add_row("specificity", f"{m.specificity:.4f}  (TN {m.tn}, FP {m.fp})")
+        table.add_row("precision / F1", f"{m.precision:.4f} / {m.f1:.4f}")
+        table.add_row("ROC AUC", "n/a (one class)" if m.auc is None else f"{m.auc:.4f}")
+    if lat["mean"] is not None:
+        table.add_row("model ms/image", f"mean {lat['mean']:.2f}, p50 {lat['p50']:.2f}, "
+                                        f"p95 {lat['p95']:.2f}, p99 {lat['p99']:.2f} "
+                                        f"(batch {run.batch_size})")
+    table.add_row("end-to-end", f"{run.seconds:.2f} s, {run.images_per_second:.1f} images/s")
+    console.print(table)
+
+
+def render_info(model: Path, sha256: str, meta: dict, inputs: list, outputs: list) -> None:
+    table = Table(title=plain(model), show_header=False, title_justify="left")
+    table.add_row("size", f"{model.stat().st_size / 1e6:.2f} MB")
+    table.add_row("sha256", sha256)
+    for i in inputs:
+        table.add_row("input", plain(f"{i['name']} {i['shape']} {i['type']}"))
+    for o in outputs:
+        table.add_row("output", plain(f"{o['name']} {o['shape']} {o['type']}"))
+    for key, value in meta.items():
+        text = json.dumps(value) if isinstance(value, (dict, list)) else str(value)
+        table.add_row(plain(key), plain(text))
+    console.print(table)
+
+
+def render_robustness(source, result, threshold: float, agreement: dict | None) -> None:
+    table = Table(title=plain(f"robustness of {source} on {len(result.labels)} images "
+                              f"(threshold {threshold:.4f})"), title_justify="left")
+    cols = ["perturbation", "AUC", "sens", "spec", "acc", "mean|Δp|", "flipped"]
+    cols += ["agree vs ref"] if agreement else []
+    for col in cols:
+        table.add_column(col, justify="left" if col == "perturbation" else "right")
+    for r in result.rows:
+        cells = [r.perturbation, _fmt(r.auc), _fmt(r.sensitivity), _fmt(r.specificity),
+                 _fmt(r.accuracy), _fmt(r.mean_abs_dp), _fmt(r.flipped, ".3f")]
+        if agreement:
+            cells.append(_fmt(agreement.get(r.perturbation)))
+        table.add_row(*cells)
+    console.print(table)
+    worst = result.worst()
+    console.print(plain("worst: " + ", ".join(f"{k} {v['value']:.4f} ({v['row']})"
+                                              for k, v in worst.items())), highlight=False)
+    if result.n_failed:
+        console.print(plain(f"{result.n_failed} files could not be decoded and were left out"))
+
+
+def render_benchmark(result, sizes: list[int]) -> None:
+    m = result.machine
+    table = Table(title=plain(f"{m['cpu']} | {m['physical_cores']} cores, {m['threads']} threads | "
+                              f"onnxruntime {m['onnxruntime']} ({m.get('provider')}) | "
+                              f"{result.n_images} images, {result.n_labelled} labelled"),
+                  title_justify="left")
+    for col in ["format", "MB", "acc", "AUC", "sens", "spec"] + [f"ms b{b}" for b in sizes] + [
+            f"img/s b{sizes[-1]}", "speedup"]:
+        table.add_column(col, justify="left" if col == "format" else "right", overflow="fold")
+    for r in result.rows:
+        mt = r.metrics or {}
+        table.add_row(f"{r.fmt} {r.precision}", f"{r.size_mb:.1f}", _fmt(mt.get("accuracy"), ".3f"),
+                      _fmt(mt.get("auc"), ".3f"), _fmt(mt.get("recall"), ".3f"),
+                      _fmt(mt.get("specificity"), ".3f"),
+                      *[_fmt(r.latency[str(b)]["p50_ms"], ".2f") for b in sizes],
+                      _fmt(r.latency[str(sizes[-1])]["images_per_second"], ".0f"),
+                      _fmt(r.speedup_vs_first, ".2f") + "x")
+    console.print(table)
+    console.print(plain("ms: p50 model time per image at each batch size (p95 in "
+                        "benchmark.json/.md); metrics at each model's own threshold. Rows: "
+                        + ", ".join(r.name for r in result.rows), "dim"), highlight=False)
