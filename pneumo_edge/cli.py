@@ -21,6 +21,7 @@ from .console import (console, err, plain, render_benchmark, render_export, rend
 EXIT_OK = 0
 EXIT_SOME_FAILED = 1
 EXIT_USAGE = 2
+EXIT_INTERNAL = 3
 EXIT_INTERRUPTED = 130
 
 app = typer.Typer(
@@ -49,7 +50,9 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def _main(version: Annotated[bool, typer.Option("--version", callback=_version,
-                                                is_eager=True, help="Print the version.")] = False):
+                                                is_eager=True, help="Print the version.")] = False,
+          debug: Annotated[bool, typer.Option("--debug", help="Show the Python traceback of an "
+                                                             "internal error.")] = False):
     pass
 
 
@@ -462,7 +465,29 @@ def benchmark(
 
 
 def main() -> None:
-    app()
+    """Entry point: anything not already turned into a one-line error becomes one here.
+
+    An exception that escapes a command is a bug of pneumo-edge, not something the
+    user did: it is reported on one line with exit code 3 (``--debug`` re-raises it
+    with its traceback); Ctrl-C anywhere exits 130.
+    """
+    import sys
+
+    debug = "--debug" in sys.argv[1:]
+    try:
+        app(standalone_mode=True)
+    except KeyboardInterrupt:
+        err.print(Text("interrupted", style="bold red"))
+        sys.exit(EXIT_INTERRUPTED)
+    except Exception as exc:  # noqa: BLE001 - the last line of defence
+        if debug:
+            raise
+        first = (str(exc).strip().splitlines() or [""])[0]
+        err.print(Text("error: ", style="bold red")
+                  + plain(f"internal error ({type(exc).__name__}: {first}); this is a bug of "
+                          "pneumo-edge: please report it with the output of --debug"),
+                  highlight=False, soft_wrap=True)
+        sys.exit(EXIT_INTERNAL)
 
 
 if __name__ == "__main__":

@@ -218,3 +218,24 @@ def test_progress_counts_every_file_once(tiny_model, labelled_folder):
                         progress=seen.append)
     assert seen == sorted(seen) and seen[-1] == len(files) == 12
     assert len(run.predictions) == 8 and len(run.failures) == 4
+
+
+def test_internal_errors_are_one_line_with_their_exit_code(tiny_model, labelled_folder,
+                                                           monkeypatch, capsys):
+    import pneumo_edge.predict as predict_mod
+    from pneumo_edge.cli import EXIT_INTERNAL, main
+
+    def boom(*a, **k):
+        raise RuntimeError("disk on fire\nsecond line")
+
+    monkeypatch.setattr(predict_mod, "predict_paths", boom)
+    argv = ["pneumo-edge", "predict", str(labelled_folder), "--model", str(tiny_model), "-q"]
+    monkeypatch.setattr(sys, "argv", argv)
+    with pytest.raises(SystemExit) as exc:
+        main()
+    assert exc.value.code == EXIT_INTERNAL
+    out = capsys.readouterr().err
+    assert "internal error (RuntimeError: disk on fire)" in out and "Traceback" not in out
+    monkeypatch.setattr(sys, "argv", ["pneumo-edge", "--debug", *argv[1:]])
+    with pytest.raises(RuntimeError, match="disk on fire"):
+        main()
