@@ -171,6 +171,7 @@ def export(
     max_val: Annotated[Optional[int], typer.Option(min=1, help="Evaluate on at most N validation images.")] = None,
     force: Annotated[bool, typer.Option("--force", help="Overwrite existing files.")] = False,
     heads: Annotated[bool, typer.Option(help="Add the cam (heatmap) and ood outputs to the graph.")] = True,
+    robustness: Annotated[bool, typer.Option(help="Run the robustness suite on every file (metadata; the INT8 default rule needs it).")] = True,
     set_default: Annotated[bool, typer.Option("--set-default", help="Make this export predict's default (OUT/default.txt): INT8 if its val AUC is within 0.005 of FP32, else FP32.")] = False,
 ):
     """Export a trained run to ONNX with preprocessing, threshold and parity in its metadata."""
@@ -182,6 +183,7 @@ def export(
         result = export_run(source, out, fp16=fp16, int8=int8, name=name, opset=opset,
                             calib=calib, calib_size=calib_size, calib_method=calib_method,
                             force=force, max_val=max_val, set_default=set_default, heads=heads,
+                            robustness=robustness,
                             progress=say)
     except ExportError as exc:
         raise _fail(str(exc))

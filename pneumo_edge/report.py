@@ -24,7 +24,7 @@ from .metadata import finite_json
 from .metrics import roc_curve
 from .predict import PredictionRun
 
-__all__ = ["DISCLAIMER", "atomic_write", "write_set", "report_dict", "write_predictions_csv",
+__all__ = ["DISCLAIMER", "REPORT_KEYS", "atomic_write", "write_set", "report_dict", "write_predictions_csv",
            "write_report", "csv_safe"]
 
 DISCLAIMER = ("pneumo-edge is a research and engineering tool, not a medical device. Its "
@@ -95,8 +95,23 @@ def _prediction_dict(p) -> dict:
             "in_distribution": p.in_distribution, "warnings": list(p.warnings)}
 
 
+#: The keys of report.json that other tools read; their names are fixed. More keys
+#: may be added, never renamed. ``metrics`` is null when no file is labelled.
+REPORT_KEYS = {
+    "model": ("path", "sha256", "precision", "threshold", "provider"),
+    "n_images": (), "n_failed": (),
+    "metrics": ("accuracy", "precision", "recall", "specificity", "f1", "auc",
+                "tp", "fp", "tn", "fn", "n_labelled"),
+    "latency_ms": ("mean", "p50", "p95", "p99"),
+    "end_to_end": ("seconds", "images_per_second", "batch_size"),
+    "failures": ("path", "error"),
+    "predictions": ("path", "probability", "label", "truth", "ood_score", "in_distribution",
+                    "warnings"),
+}
+
+
 def report_dict(run: PredictionRun) -> dict:
-    """The report.json contract of DESIGN.md (fixed keys), plus provenance."""
+    """report.json: the fixed keys of :data:`REPORT_KEYS`, plus provenance."""
     lat = run.latency_ms
     return {
         "model": run.model,

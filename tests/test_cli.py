@@ -19,8 +19,7 @@ from conftest import SHARED_ORIGINALS, make_tiny_onnx, prob_for_gray, write_gray
 
 runner = CliRunner()
 
-REPORT_KEYS = {"model", "n_images", "n_failed", "metrics", "latency_ms", "end_to_end",
-               "failures", "predictions"}
+from pneumo_edge.report import REPORT_KEYS as CONTRACT
 
 
 def add_broken_files(root: Path) -> dict[str, str]:
@@ -43,7 +42,13 @@ def test_predict_report_on_labelled_folder(tiny_model, labelled_folder, tmp_path
                               "--report", "--out", str(out), "--batch-size", "3"])
     assert res.exit_code == EXIT_OK, res.output
     report = json.loads((out / "report.json").read_text())
-    assert REPORT_KEYS <= set(report)
+    assert set(CONTRACT) <= set(report)
+    for key, inner in CONTRACT.items():
+        if not inner:
+            continue
+        rows = report[key] if isinstance(report[key], list) else [report[key]]
+        for row in rows:
+            assert set(inner) <= set(row), (key, inner, row)
     assert report["n_images"] == 8 and report["n_failed"] == 0
     m = report["metrics"]
     assert (m["tp"], m["fn"], m["tn"], m["fp"], m["n_labelled"]) == (3, 1, 3, 1, 8)

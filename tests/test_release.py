@@ -21,7 +21,7 @@ from conftest import SHARED_TRAIN
 ROOT = Path(__file__).resolve().parents[1]
 EXPORTED = ROOT / "exported"
 MODELS = sorted(EXPORTED.glob("*.onnx"))
-DESIGN_KEYS = {"schema", "input_name", "input_size", "channels", "value_range", "class_names",
+CONTRACT_KEYS = {"schema", "input_name", "input_size", "channels", "value_range", "class_names",
                "positive_class", "threshold", "threshold_rule", "precision", "arch", "trained_on",
                "val_metrics", "created", "pneumo_edge_version", "outputs", "ood", "robustness",
                "calibration", "versions"}
@@ -40,7 +40,7 @@ def test_three_precisions_with_complete_metadata():
     thresholds = set()
     for precision, path in by.items():
         meta, _, outputs = read_metadata(path)
-        assert DESIGN_KEYS <= set(meta)
+        assert CONTRACT_KEYS <= set(meta)
         assert meta["class_names"] == ["NORMAL", "PNEUMONIA"] and meta["arch"] == "resnet18"
         assert [o["name"] for o in outputs] == ["pneumonia_prob", "cam", "ood"]
         assert path.stat().st_size < 50e6

@@ -1,6 +1,6 @@
 """Export a trained run to ONNX (FP32, FP16, INT8) with metadata and parity checks.
 
-Every file carries the ``pneumo_edge`` metadata (DESIGN.md): preprocessing,
+Every file carries the ``pneumo_edge`` metadata (``pneumo_edge/metadata.py``): preprocessing,
 class names, the validation threshold and its rule, precision, architecture,
 training data, validation metrics measured on that very file, and its parity
 with the Keras model. Nothing is written unless every check passes; each file
