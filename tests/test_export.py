@@ -253,3 +253,24 @@ def test_default_rule_needs_int8_to_hold_up_under_shift():
     assert choose_default([fp32, int8(0.004, 0.995)]).precision == "int8"
     assert choose_default([fp32, int8(0.006, 0.995)]).precision == "fp32"
     assert choose_default([fp32, int8(0.001, 0.985)]).precision == "fp32"
+
+
+def test_int8_keeps_the_classifier_tail_and_heads_in_float(exported):
+    import onnx
+
+    from training.heads import classifier_tail
+
+    out, result = exported
+    by = {r.precision: r.path for r in result.files}
+    fp32 = onnx.load(str(by["fp32"]))
+    tail = classifier_tail(fp32, fp32.graph.output[0].name)
+    ops = {n.name: n.op_type for n in fp32.graph.node}
+    assert ops[tail[0]] == "Sigmoid" and ops[tail[-1]] in ("GlobalAveragePool", "ReduceMean")
+    int8 = onnx.load(str(by["int8"]))
+    producer = {o: n for n in int8.graph.node for o in n.output}
+    dense = [n for n in int8.graph.node
+             if n.op_type in ("MatMul", "Gemm") and "pneumonia_prob" in n.name]
+    assert dense, "the output layer's MatMul is in the INT8 graph"
+    for node in dense:  # fed by float tensors, not by DequantizeLinear
+        assert all(producer[i].op_type != "DequantizeLinear" for i in node.input if i in producer)
+    assert any(n.op_type == "DequantizeLinear" for n in int8.graph.node)  # the body is quantised

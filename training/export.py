@@ -196,7 +196,7 @@ def _prepare_for_int8(fp32_path: Path, out_path: Path) -> None:
 
 def _to_int8(pre_path: Path, out_path: Path, calib_paths: list[str], cfg: PreprocessConfig,
              method: str, shifted: bool = True) -> None:
-    from .heads import head_nodes
+    from .heads import classifier_tail, head_nodes
 
     """Static INT8 (QDQ, per-channel) of a pre-processed FP32 model, calibrated by ``method``."""
     import onnx
@@ -211,7 +211,8 @@ def _to_int8(pre_path: Path, out_path: Path, calib_paths: list[str], cfg: Prepro
         str(pre_path), str(out_path), _CalibReader(calib_paths, cfg, input_name, shifted=shifted),
         quant_format=QuantFormat.QDQ, per_channel=True, activation_type=QuantType.QUInt8,
         weight_type=QuantType.QInt8, calibrate_method=methods[method],
-        nodes_to_exclude=head_nodes(pre, pre.graph.output[0].name))
+        nodes_to_exclude=head_nodes(pre, pre.graph.output[0].name)
+        + classifier_tail(pre, pre.graph.output[0].name))
 
 
 # ---------------------------------------------------------------- evaluation
