@@ -160,6 +160,72 @@ def _jpeg_header(data: bytes) -> tuple[int, int, int] | None:
     return None
 
 
+#: Bytes that may follow 0xFF inside entropy-coded JPEG data: stuffing (00), restart
+#: markers (D0-D7) and fill bytes (FF). What ends a scan must be EOI or a segment
+#: allowed between scans (DHT C4, DAC CC, SOS DA, DQT DB, DNL DC, DRI DD, APPn,
+#: COM FE). Anything else there (reserved codes 01-BF, a frame header SOFn, SOI,
+#: JPGn F0-FD, DHP, EXP) means damaged scan data.
+_RESERVED_MARKERS = np.ones(256, bool)
+_RESERVED_MARKERS[[0xC4, 0xCC, 0xD9, 0xDA, 0xDB, 0xDC, 0xDD, 0xFE]] = False
+_RESERVED_MARKERS[0xE0:0xF0] = False
+
+
+def _next_scan(data: np.ndarray, i: int) -> int | None:
+    """From a marker at ``i``, skip marker segments to the next SOS; the index its
+    entropy-coded data starts at, or None (EOI or the end of the file first)."""
+    n = data.size
+    while i + 1 < n:
+        if data[i] != 0xFF:
+            return None
+        marker = int(data[i + 1])
+        if marker == 0xFF:  # fill byte
+            i += 1
+            continue
+        if marker == 0xD9 or i + 3 >= n:
+            return None
+        if 0xD0 <= marker <= 0xD7 or marker == 0x01:  # standalone markers
+            i += 2
+            continue
+        length = (int(data[i + 2]) << 8) | int(data[i + 3])
+        if marker == 0xDA:
+            return i + 2 + length
+        i += 2 + length
+    return None
+
+
+def _jpeg_scan_damage(data: np.ndarray) -> str | None:
+    """A reason if the JPEG's scan data is visibly damaged, else None.
+
+    libjpeg decodes damaged scan data with only a warning (grey or smeared
+    blocks); this check finds what it warns about, scan by scan (marker
+    segments, EXIF thumbnails included, are skipped by their lengths):
+    markers that cannot follow entropy-coded data, and restart markers out of
+    their D0..D7 order. It cannot see damage that keeps the marker structure
+    (a bad Huffman code, an early end of the data): those still decode.
+    """
+    pos = _next_scan(data, 2)
+    if pos is None:
+        return "JPEG without scan data"
+    for _ in range(1000):  # progressive files have a few dozen scans at most
+        region = data[pos:]
+        ff = np.flatnonzero(region[:-1] == 0xFF)
+        follow = region[ff + 1] if ff.size else np.zeros(0, np.uint8)
+        inside = (follow == 0) | ((follow >= 0xD0) & (follow <= 0xD7)) | (follow == 0xFF)
+        end = int(np.argmin(inside)) if ff.size and not inside.all() else ff.size
+        rst = follow[:end][(follow[:end] >= 0xD0) & (follow[:end] <= 0xD7)].astype(np.int16)
+        if rst.size > 1 and np.any(np.diff(rst - 0xD0) % 8 != 1):
+            return "corrupt JPEG data (restart markers out of order)"
+        if end == ff.size:
+            return None  # no marker after the scan: truncation is judged elsewhere
+        marker = int(follow[end])
+        if _RESERVED_MARKERS[marker]:
+            return "corrupt JPEG data (invalid marker inside the scan)"
+        pos = _next_scan(data, pos + int(ff[end]))
+        if pos is None:
+            return None
+    return None
+
+
 def _png_size(data: bytes) -> tuple[int, int] | None:
     if len(data) < 24 or data[12:16] != b"IHDR":
         return None
@@ -269,6 +335,9 @@ def _decode(path: Path, target: int | None, info: dict | None, locked: bool) -> 
         eoi = blob.rfind(b"\xff\xd9")
         if eoi == -1 or eoi < blob.rfind(b"\xff\xda"):
             raise ImageDecodeError("truncated JPEG (no end-of-image marker after the last scan)")
+        damage = _jpeg_scan_damage(data)
+        if damage:
+            raise ImageDecodeError(damage)
         header = _jpeg_header(blob)
         dims = header[:2] if header else None
         colour = header is None or header[2] >= 3

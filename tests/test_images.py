@@ -201,3 +201,48 @@ def test_sixteen_bit_png_maps_to_eight_bits(tmp_path):
     path = _encode(tmp_path / "a16.png", img, ".png")
     out = decode_gray(path)
     assert out.dtype == np.uint8 and int(out[0, 0]) == 255 and int(out[5, 5]) in (127, 128)
+
+
+def _gradient_jpeg(**params):
+    img = np.tile(np.linspace(0, 255, 256, dtype=np.float32), (200, 1)).astype(np.uint8)
+    img = cv2.GaussianBlur(img + np.random.default_rng(1).integers(0, 40, img.shape, dtype=np.uint8),
+                           (3, 3), 0)
+    flags = [cv2.IMWRITE_JPEG_QUALITY, 90]
+    for key, value in params.items():
+        flags += [getattr(cv2, f"IMWRITE_JPEG_{key.upper()}"), value]
+    return cv2.imencode(".jpg", img, flags)[1].tobytes()
+
+
+@pytest.mark.parametrize("params", [{}, {"progressive": 1}, {"rst_interval": 4},
+                                    {"progressive": 1, "rst_interval": 2}])
+def test_jpeg_damaged_mid_scan_is_a_failure(tmp_path, params):
+    good = _gradient_jpeg(**params)
+    clean = tmp_path / "clean.jpg"
+    clean.write_bytes(good)
+    assert decode_gray(clean).shape == (200, 256)
+    rng = np.random.default_rng(7)
+    caught = 0
+    for trial in range(20):
+        data = bytearray(good)
+        mid = len(data) // 2 + int(rng.integers(-100, 100))
+        data[mid:mid + 800] = rng.integers(0, 256, 800, dtype=np.uint8).tobytes()
+        bad = tmp_path / f"bad{trial}.jpg"
+        bad.write_bytes(bytes(data))
+        try:
+            decode_gray(bad)
+        except ImageDecodeError as exc:
+            assert "corrupt" in str(exc)  # the scan check, or the decoder itself
+            caught += 1
+    assert caught >= 16  # the marker structure check sees most random damage, not all
+
+
+def test_jpeg_with_embedded_thumbnail_is_not_mistaken_for_damage(tmp_path):
+    main = _gradient_jpeg()
+    thumb = _gradient_jpeg(quality=50)
+    # an APP1 segment carrying a whole JPEG (its own SOS) and bytes that would be
+    # invalid inside a scan: segments are skipped by their length, not scanned
+    body = b"Exif\x00\x00" + thumb + b"\xff\x03\xff\x05"
+    app1 = b"\xff\xe1" + (len(body) + 2).to_bytes(2, "big") + body
+    path = tmp_path / "exif.jpg"
+    path.write_bytes(main[:2] + app1 + main[2:])
+    assert decode_gray(path).shape == (200, 256)
