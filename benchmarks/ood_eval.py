@@ -240,8 +240,10 @@ def render(res: dict) -> str:
                   f"flagged ({100 * nr['flag_rate']:.1f} %; {100 * nr['ood_rate']:.1f} % by the "
                   "OOD score alone).", "",
               "## Heatmap evidence inside the chest box (validation PNEUMONIA images)", "",
-              "Share of the positive CAM logits inside the box x 15-85 %, y 10-90 % of the "
-              "image (56 % of its area); the rest lies on borders and corners.", "",
+              "Share of the map's evidence (the CAM above its own minimum, so that the bias "
+              "shared by every position does not count) inside the box x 15-85 %, y 10-90 % of "
+              "the image (56 % of its area: a flat map scores 0.56); the rest lies on borders "
+              "and corners.", "",
               "| model | images | mean share | median | images above 0.8 |", "|---|---|---|---|---|"]
     for c in res["cam_mass"]:
         lines.append(f"| `{c['model']}` | {c['n']} | {c['mean_share_in_chest_box']:.3f} | "

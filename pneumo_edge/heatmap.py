@@ -1,10 +1,13 @@
 """Heatmap overlays from the model's ``cam`` output.
 
 The map is the output layer applied at each position of the last feature map
-(logits; their mean is the image's logit). Shown as sigmoid(logit) on a fixed
-scale, 0 blue to 1 red, so that maps of different images compare: red regions
-alone would be called PNEUMONIA. The model sees the whole image resized to its
-input (aspect ratio not kept), so the map is stretched over the whole image.
+(logits; their mean is the image's logit). A calibrated model adds the same
+bias at every position, so absolute values say little about where the
+evidence is: the overlay shows the map normalised to its own range, blue where
+the evidence for PNEUMONIA is weakest in this image and red where it is
+strongest, and writes the image's probability on it. The model sees the whole
+image resized to its input (aspect ratio not kept), so the map is stretched
+over the whole image.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-__all__ = ["overlay", "write_overlay", "heatmap_name", "cam_mass_in_box"]
+__all__ = ["overlay", "write_overlay", "heatmap_name", "cam_mass_in_box", "normalised"]
 
 
 def overlay(gray: np.ndarray, cam: np.ndarray, text: str | None = None, max_side: int = 512,
@@ -28,8 +31,8 @@ def overlay(gray: np.ndarray, cam: np.ndarray, text: str | None = None, max_side
         gray = cv2.resize(gray, (max(int(w * scale), 1), max(int(h * scale), 1)),
                           interpolation=cv2.INTER_AREA)
     h, w = gray.shape
-    heat = 1.0 / (1.0 + np.exp(-np.asarray(cam, np.float32)))
-    heat = cv2.resize(heat, (w, h), interpolation=cv2.INTER_CUBIC)
+    heat = normalised(cv2.resize(np.asarray(cam, np.float32), (w, h),
+                                 interpolation=cv2.INTER_CUBIC))
     colour = cv2.applyColorMap((np.clip(heat, 0, 1) * 255).astype(np.uint8), cv2.COLORMAP_JET)
     out = cv2.addWeighted(cv2.cvtColor(gray, cv2.COLOR_GRAY2BGR), 1.0 - alpha, colour, alpha, 0)
     if text:
@@ -40,6 +43,15 @@ def overlay(gray: np.ndarray, cam: np.ndarray, text: str | None = None, max_side
         cv2.putText(out, text, (6, th + 5), cv2.FONT_HERSHEY_SIMPLEX, size, (255, 255, 255),
                     thick, cv2.LINE_AA)
     return out
+
+
+def normalised(cam: np.ndarray) -> np.ndarray:
+    """The map scaled to [0, 1] over its own range (0.5 everywhere when it is flat)."""
+    cam = np.asarray(cam, np.float32)
+    lo, hi = float(cam.min()), float(cam.max())
+    if hi - lo < 1e-6:
+        return np.full_like(cam, 0.5)
+    return (cam - lo) / (hi - lo)
 
 
 def heatmap_name(index: int, path: str | os.PathLike) -> str:
@@ -59,14 +71,18 @@ def write_overlay(out_path: str | os.PathLike, image: np.ndarray) -> None:
 
 def cam_mass_in_box(cam: np.ndarray, box: tuple[float, float, float, float] = (0.15, 0.1, 0.85, 0.9)
                     ) -> float:
-    """Share of the positive evidence (the map's logits above 0, upsampled) inside a box.
+    """Share of the map's evidence inside a box: the map above its own minimum, upsampled.
 
     ``box`` is (x0, y0, x1, y1) as fractions of the image: by default the chest
-    region of a frontal X-ray; the rest is borders and corners. 0 when the map
-    has no positive evidence.
+    region of a frontal X-ray (56 % of the area); the rest is borders and
+    corners. Measured above the minimum so that a bias shared by every position
+    (calibration) does not count as evidence; a flat map gives the box's share
+    of the area.
     """
-    heat = cv2.resize(np.asarray(cam, np.float32), (100, 100),
-                      interpolation=cv2.INTER_LINEAR).clip(0, None)
+    heat = cv2.resize(np.asarray(cam, np.float32), (100, 100), interpolation=cv2.INTER_LINEAR)
+    heat = heat - heat.min()
     x0, y0, x1, y1 = (int(round(v * 100)) for v in box)
     total = float(heat.sum())
-    return float(heat[y0:y1, x0:x1].sum() / total) if total > 0 else 0.0
+    if total <= 0:
+        return (x1 - x0) * (y1 - y0) / 10000.0
+    return float(heat[y0:y1, x0:x1].sum() / total)

@@ -294,9 +294,9 @@ def _gallery_html(run: PredictionRun) -> str:
                         f"{truth}{ood}<div class='path'>{e(p.path)}</div>{warns}</figcaption>"
                         "</figure>")
         parts.append(f"<h3>{e(title)} ({len(preds)})</h3><div class='gallery'>{''.join(figs)}</div>")
-    parts.append("<p class='muted'>Heatmap: the model's class activation map, sigmoid of the "
-                 "logit at each position, blue 0 to red 1 (red regions alone would be called "
-                 "PNEUMONIA).</p>")
+    parts.append("<p class='muted'>Heatmap: the model's class activation map, normalised to "
+                 "its own range: red where the evidence for PNEUMONIA is strongest in that "
+                 "image, blue where it is weakest. Read it with the probability.</p>")
     return "".join(parts)
 
 

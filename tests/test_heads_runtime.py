@@ -227,8 +227,13 @@ def test_overlay_and_cam_mass():
     centre[1:3, 1:3] = 3.0
     corner = np.full((4, 4), -2.0)
     corner[0, 0] = 3.0
-    assert cam_mass_in_box(centre) > 0.9 > cam_mass_in_box(corner)
-    assert cam_mass_in_box(np.full((4, 4), -1.0)) == 0.0
+    assert cam_mass_in_box(centre) > 0.9 > 0.5 > cam_mass_in_box(corner)
+    # a bias shared by every position (calibration) changes nothing
+    assert cam_mass_in_box(centre + 7.6) == pytest.approx(cam_mass_in_box(centre), abs=1e-4)
+    assert cam_mass_in_box(np.full((4, 4), -1.0)) == pytest.approx(0.56)  # flat: the area share
+    biased = overlay(gray, cam + 7.6, None)
+    diff = np.abs(biased.astype(int) - overlay(gray, cam, None).astype(int))
+    assert diff.max() <= 3 and diff.mean() < 0.01  # the same picture, up to float rounding
 
 
 def test_full_disk_keeps_the_previous_report_set(tmp_path, tiny_model, monkeypatch):
