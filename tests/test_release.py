@@ -7,7 +7,6 @@ import json
 import re
 from pathlib import Path
 
-import numpy as np
 import pytest
 from typer.testing import CliRunner
 
@@ -128,5 +127,9 @@ def test_robustness_suite_on_the_release_models():
     assert set(agree) == {r.perturbation for r in results["fp32"].rows}
     assert min(agree.values()) == pytest.approx(
         _metas()["int8"]["robustness"]["min_agreement_with_fp32"], abs=2 / len(files))
-    zoom_spec = min(results["fp32"].row(r).specificity for r in ZOOM_ROWS)
-    assert np.isfinite(zoom_spec)
+    for precision, res in results.items():  # the release criteria this model meets
+        assert min(r.auc for r in res.rows) >= 0.99, precision
+        assert min(res.row(r).specificity for r in ZOOM_ROWS) >= 0.92, precision
+    assert min(agree.values()) >= 0.99
+    # (sensitivity >= 0.95 in every zoom row is not met: 0.947 at zoom in 5 %; model card)
+    assert min(results["fp32"].row(r).sensitivity for r in ZOOM_ROWS) >= 0.94
