@@ -18,6 +18,9 @@ __all__ = ["METADATA_KEY", "SCHEMA_VERSION", "ModelError", "PneumoModel", "load_
            "default_model_path", "read_metadata", "file_sha256"]
 
 DEVICES = ("auto", "cpu", "cuda")
+#: How far a probability may stray outside [0, 1] by float rounding before the
+#: model is refused (it is then clipped).
+PROB_TOLERANCE = 1e-5
 
 
 class ModelError(RuntimeError):
@@ -119,10 +122,13 @@ class PneumoModel:
         out = self.session.run(None, {self.input_name: np.ascontiguousarray(batch, np.float32)})
         named = dict(zip(self.output_names, out))
         prob = np.asarray(out[0], dtype=np.float64).reshape(len(batch), -1)[:, -1]
-        if not np.all(np.isfinite(prob)) or np.any(prob < 0.0) or np.any(prob > 1.0):
-            bad = prob[~(np.isfinite(prob) & (prob >= 0.0) & (prob <= 1.0))][0]
+        # float32 sigmoid kernels may return 1 + 1.2e-7: rounding, not a broken model
+        ok = np.isfinite(prob) & (prob >= -PROB_TOLERANCE) & (prob <= 1.0 + PROB_TOLERANCE)
+        if not np.all(ok):
+            bad = float(prob[~ok][0])
             raise ModelError(f"{self.path}: the model's output {bad!r} is not a probability "
                              "in [0, 1]; refusing to label anything with it")
+        prob = np.clip(prob, 0.0, 1.0)
         cam = named.get("cam") if self.has_cam else None
         ood = named.get("ood") if self.ood_threshold is not None else None
         return {"prob": prob,

@@ -132,6 +132,14 @@ def test_models_without_heads_still_run(tmp_path):
     assert run.heatmaps == {}
 
 
+def test_float_rounding_above_one_is_clipped_not_refused(tmp_path):
+    # a float32 sigmoid may return 1.0000001: rounding, not a broken model
+    model = load_model(make_tiny_onnx(tmp_path / "m.onnx", slope=400.0, prob_scale=1.0000005),
+                       device="cpu")
+    p = model.run(np.full((2, 16, 16, 3), 250, np.float32))
+    assert np.all(p == 1.0)
+
+
 @pytest.mark.parametrize("scale, shown", [(float("nan"), "nan"), (3.0, "not a probability")])
 def test_non_probability_output_is_refused(tmp_path, scale, shown):
     model = make_tiny_onnx(tmp_path / "bad.onnx", prob_scale=scale)

