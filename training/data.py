@@ -176,15 +176,6 @@ def load_arrays(samples: list[Sample], cfg: PreprocessConfig, perturbation: str 
     return images, np.array([s.label for s in samples], dtype=np.float32)
 
 
-def to_model_input_np(images: np.ndarray, cfg: PreprocessConfig) -> np.ndarray:
-    """numpy twin of :func:`to_model_input_tf` for cached uint8 (N, H, W, 1) arrays."""
-    lo, hi = cfg.value_range
-    x = images.astype(np.float32)
-    if (lo, hi) != (0.0, 255.0):
-        x = x * np.float32((hi - lo) / 255.0) + np.float32(lo)
-    return np.repeat(x, cfg.channels, axis=-1) if cfg.channels != 1 else x
-
-
 def to_model_input_tf(images, cfg: PreprocessConfig):
     """TensorFlow twin of :func:`pneumo_edge.preprocess.to_model_input` (after resize).
 

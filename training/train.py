@@ -20,11 +20,11 @@ import numpy as np
 from pneumo_edge.metrics import (apply_temperature, binary_metrics, choose_threshold,
                                  choose_threshold_robust, expected_calibration_error,
                                  fit_platt)
-from pneumo_edge.preprocess import PreprocessConfig
+from pneumo_edge.preprocess import PreprocessConfig, to_model_input
 
 from .augment import AugmentConfig, make_augment
 from .data import (CLASS_NAMES, class_weights, discover, load_arrays, make_dataset,
-                   patient_split, read_split, to_model_input_np, write_split)
+                   patient_split, read_split, write_split)
 
 
 SCHEDULES = ("cosine", "plateau")
@@ -447,7 +447,8 @@ def train(cfg: TrainConfig, *, resume: bool = False,
 
     def val_inputs(row: str):
         x = x_val if row == "clean" else load_arrays(val_s, pre, row)[0]
-        return to_model_input_np(x, pre)
+        # the runtime's own conversion (no resize: the cache is at model size already)
+        return np.stack([to_model_input(img[:, :, 0], pre) for img in x])
 
     select_sets = {row: (val_inputs(row), y_val) for row in cfg.select_rows}
     history_csv = run_dir / "history.csv"
