@@ -19,7 +19,7 @@ import numpy as np
 
 from .images import ImageDecodeError, decode_gray, label_from_path
 from .metrics import BinaryMetrics, binary_metrics, latency_summary
-from .preprocess import resize_gray, to_model_input
+from .preprocess import to_model_input
 from .quality import input_warnings
 from .runtime import PneumoModel
 
@@ -94,7 +94,7 @@ def _decode(path: Path, model: PneumoModel):
     try:
         info: dict = {}
         gray = decode_gray(path, target=max(cfg.height, cfg.width), info=info)
-        return to_model_input(resize_gray(gray, cfg), cfg), tuple(input_warnings(gray, info))
+        return to_model_input(gray, cfg), tuple(input_warnings(gray, info))
     except ImageDecodeError as exc:
         return exc
     except MemoryError:
