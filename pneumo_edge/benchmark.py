@@ -18,7 +18,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from . import __version__
-from .images import collect_images, label_from_path
+from .images import collect_labelled
 from .metrics import binary_metrics
 from .preprocess import PreprocessConfig, load_image
 from .runtime import PneumoModel, load_model, physical_cores
@@ -85,18 +85,19 @@ def time_runs(fn: Callable[[], object], batch: int, min_seconds: float = 1.0,
             "images_per_second": 1000.0 / p50 if p50 > 0 else None, "runs": len(times)}
 
 
-def _load_inputs(files: Sequence[Path], cfg: PreprocessConfig, cache: dict
+def _load_inputs(items: Sequence[tuple[Path, str | None]], cfg: PreprocessConfig, cache: dict
                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Decoded model inputs of ``files`` with their labels (1 = PNEUMONIA) and a mask of
-    the labelled ones; undecodable files are left out. Cached per preprocessing config."""
+    """Decoded model inputs of the (file, truth) ``items`` with their labels (1 = PNEUMONIA)
+    and a mask of the labelled ones; undecodable files are left out. Cached per
+    preprocessing config."""
     if cfg not in cache:
         good, truths = [], []
-        for f in files:
+        for f, truth in items:
             try:
                 good.append(load_image(f, cfg))
             except ValueError:
                 continue
-            truths.append(label_from_path(f))
+            truths.append(truth)
         x = (np.stack(good) if good
              else np.zeros((0, cfg.height, cfg.width, cfg.channels), np.float32))
         cache[cfg] = (x, np.array([t == "PNEUMONIA" for t in truths], bool),
@@ -137,7 +138,7 @@ def run_benchmark(models: Sequence[str | os.PathLike], *, data: str | os.PathLik
         ModelError: a model cannot be loaded. ValueError: ``keras_source`` without a loader.
     """
     say = progress or (lambda m: None)
-    files = collect_images([data]) if data else []
+    files = collect_labelled([data]) if data else []  # (path, truth)
     cache: dict = {}
     result = BenchmarkResult(machine_info(threads), 0, 0, list(batch_sizes))
     loaded: list[PneumoModel] = [load_model(m, device=device, threads=threads) for m in models]
@@ -172,7 +173,7 @@ def run_benchmark(models: Sequence[str | os.PathLike], *, data: str | os.PathLik
         finish(row, m.run, x, cfg)
 
     result.n_images = len(files)
-    result.n_labelled = sum(label_from_path(f) is not None for f in files)
+    result.n_labelled = sum(truth is not None for _, truth in files)
     if result.rows:
         key = str(batch_sizes[0])
         first = result.rows[0].latency[key]["p50_ms"]

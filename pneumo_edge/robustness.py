@@ -29,8 +29,8 @@ from .images import decode_gray
 from .metrics import binary_metrics
 from .preprocess import PreprocessConfig, to_model_input
 
-__all__ = ["PERTURBATIONS", "RobustnessRow", "RobustnessResult", "perturb", "run_suite",
-           "ZOOM_ROWS"]
+__all__ = ["PERTURBATIONS", "RobustnessRow", "RobustnessResult", "perturb", "perturbed_input",
+           "run_suite", "ZOOM_ROWS"]
 
 #: Row names in report order; ``clean`` first. Parameters are fixed: results
 #: are comparable between models and runs.
@@ -98,6 +98,13 @@ def perturb(gray: np.ndarray, name: str, seed: int = 0) -> np.ndarray:
         small = cv2.resize(gray, (max(w // 2, 1), max(h // 2, 1)), interpolation=cv2.INTER_AREA)
         return cv2.resize(small, (w, h), interpolation=cv2.INTER_LINEAR)
     raise ValueError(f"unknown perturbation {name!r}; choose from {', '.join(PERTURBATIONS)}")
+
+
+def perturbed_input(path: str | os.PathLike, cfg: PreprocessConfig, name: str,
+                    seed: int = 0) -> np.ndarray:
+    """Decode ``path``, apply one perturbation, and return the model input (float32 HWC)."""
+    gray = decode_gray(path, target=max(cfg.height, cfg.width))
+    return to_model_input(perturb(gray, name, seed), cfg)
 
 
 @dataclass(frozen=True)
@@ -248,14 +255,8 @@ def read_split_csv(csv_path: str | os.PathLike, root: str | os.PathLike | None =
 
 
 def labelled_files(folder: str | os.PathLike) -> tuple[list[str], list[int]]:
-    """Every image below ``folder`` that a NORMAL/PNEUMONIA folder labels."""
-    from .images import collect_images, label_from_path
+    """Every image below ``folder`` that a NORMAL/PNEUMONIA folder at or below it labels."""
+    from .images import collect_labelled
 
-    root = Path(folder)
-    files, labels = [], []
-    for path in collect_images([root]):
-        truth = label_from_path(path.relative_to(root))
-        if truth is not None:
-            files.append(str(path))
-            labels.append(int(truth == "PNEUMONIA"))
-    return files, labels
+    items = [(str(p), int(t == "PNEUMONIA")) for p, t in collect_labelled([folder]) if t]
+    return [f for f, _ in items], [y for _, y in items]

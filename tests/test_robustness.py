@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -142,3 +143,17 @@ def test_platt_removes_a_prior_shift():
     assert t == pytest.approx(0.5, rel=0.1) and b == pytest.approx(2.0, rel=0.15)
     fixed = apply_temperature(shifted, t, b)
     assert expected_calibration_error(y, fixed) < 0.03 < expected_calibration_error(y, shifted)
+
+
+def test_labelled_files_follow_the_at_or_below_rule(tmp_path):
+    from pneumo_edge.robustness import labelled_files
+
+    above = tmp_path / "PNEUMONIA" / "batch"  # a folder above the given path never labels
+    for name, level in (("a.png", 40), ("b.png", 200)):
+        (above / "NORMAL").mkdir(parents=True, exist_ok=True)
+        cv2.imencode(".png", np.full((20, 20), level, np.uint8))[1].tofile(
+            str(above / ("NORMAL" if name == "a.png" else "") / name))
+    files, labels = labelled_files(above)
+    assert [Path(f).name for f in files] == ["a.png"] and labels == [0]
+    files, labels = labelled_files(above / "NORMAL")  # the given folder's own name labels
+    assert [Path(f).name for f in files] == ["a.png"] and labels == [0]
