@@ -167,13 +167,10 @@ class _CalibReader:
     def _load(self, i: int) -> np.ndarray:
         if not self.shifted:
             return load_image(self.paths[i], self.cfg)
-        from pneumo_edge.images import decode_gray
-        from pneumo_edge.preprocess import to_model_input
-        from pneumo_edge.robustness import PERTURBATIONS, perturb
+        from pneumo_edge.robustness import PERTURBATIONS, perturbed_input
 
-        gray = decode_gray(self.paths[i], target=max(self.cfg.height, self.cfg.width))
-        return to_model_input(perturb(gray, PERTURBATIONS[i % len(PERTURBATIONS)], seed=i),
-                              self.cfg)
+        return perturbed_input(self.paths[i], self.cfg, PERTURBATIONS[i % len(PERTURBATIONS)],
+                               seed=i)
 
     def rewind(self):
         self._it = iter(range(0, len(self.paths), self.batch))
@@ -268,9 +265,7 @@ def _outputs_meta(proto) -> list[dict]:
 def _add_heads(model, src: _Source, calib, cfg: PreprocessConfig, ood_size: int, rng, say):
     """The model with ``cam`` and ``ood`` outputs, and the OOD metadata (or the model
     unchanged and None when the architecture or the data do not allow it)."""
-    from pneumo_edge.images import decode_gray
-    from pneumo_edge.preprocess import to_model_input
-    from pneumo_edge.robustness import PERTURBATIONS, perturb
+    from pneumo_edge.robustness import PERTURBATIONS, perturbed_input
 
     from .heads import feature_model, fit_ood, has_heads_support, with_heads
 
@@ -289,14 +284,12 @@ def _add_heads(model, src: _Source, calib, cfg: PreprocessConfig, ood_size: int,
         say("no cam/ood outputs: too few training images for the OOD statistics")
         return model, None
     say(f"fitting the OOD statistics on {len(fit_paths)} training images")
-    target = max(cfg.height, cfg.width)
 
     def image(i: int, path: str, shifted: bool) -> np.ndarray:
-        gray = decode_gray(path, target=target)
         # every other fitting image goes through a robustness-suite perturbation, so a
         # wider framing or another exposure is not "out of distribution" by itself
         name = PERTURBATIONS[(i // 2) % len(PERTURBATIONS)] if shifted and i % 2 else "clean"
-        return to_model_input(perturb(gray, name, seed=i), cfg)
+        return perturbed_input(path, cfg, name, seed=i)
 
     feats = feature_model(model)
 
@@ -366,8 +359,6 @@ def _metadata(src: _Source, cfg: PreprocessConfig, precision: str, result: Preci
         "class_names": list(CLASS_NAMES),
         "positive_class": "PNEUMONIA",
         "output": "P(PNEUMONIA), shape (N, 1)",
-        "outputs": [{"name": "pneumonia_prob", "shape": ["N", 1],
-                     "description": OUTPUT_DESCRIPTIONS["pneumonia_prob"]}],
         "threshold": src.threshold,
         "threshold_rule": src.threshold_rule,
         "precision": precision,
@@ -545,8 +536,8 @@ def export_run(source: str | os.PathLike, out_dir: str | os.PathLike = "exported
             _robustness(results, protos, cfg, val_paths, val_labels, src.threshold, say)
         for r in results:
             meta = _metadata(src, cfg, r.precision, r, keras_metrics, opset, arch,
-                             parity_images, len(val_x))
-            meta["outputs"] = _outputs_meta(protos[r.precision])
+                             parity_images, len(val_x)) | {
+                "outputs": _outputs_meta(protos[r.precision])}
             payloads[r.precision] = _finalise(protos[r.precision], meta)
             r.size_bytes = len(payloads[r.precision])
     for r in results:
