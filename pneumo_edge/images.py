@@ -19,11 +19,13 @@ import cv2
 import numpy as np
 
 __all__ = [
+    "DICOM_EXTENSIONS",
     "IMAGE_EXTENSIONS",
     "ImageDecodeError",
     "collect_images",
     "collect_labelled",
     "decode_gray",
+    "is_image_file",
     "label_from_path",
     "sniff_format",
 ]
@@ -33,6 +35,12 @@ __all__ = [
 IMAGE_EXTENSIONS = frozenset(
     {".jpg", ".jpeg", ".jpe", ".png", ".bmp", ".dib", ".tif", ".tiff"}
 )
+#: DICOM files are found by content (``DICM`` at byte 128) whatever their name;
+#: these extensions are only the ones kept without looking inside.
+DICOM_EXTENSIONS = frozenset({".dcm", ".dicom", ".dic"})
+#: Names skipped when walking folders: the index file of a DICOM CD or archive
+#: export is DICOM but holds no image.
+_SKIPPED_NAMES = frozenset({"DICOMDIR"})
 CLASS_NAMES = ("NORMAL", "PNEUMONIA")
 
 #: Files larger than this are refused before reading (no X-ray is this big).
@@ -59,9 +67,10 @@ class ImageDecodeError(ValueError):
 def collect_images(paths: Iterable[str | os.PathLike]) -> list[Path]:
     """Return the image files under ``paths``, sorted, without duplicates.
 
-    Folders are walked recursively (symlinked folders are not followed) and
-    files with an image extension are kept; a path given explicitly as a file
-    is kept whatever its name. Something that is not a regular file (a folder
+    Folders are walked recursively (symlinked folders are not followed) and the
+    files :func:`is_image_file` accepts are kept (image extensions, and DICOM
+    files by content, with or without an extension); a path given explicitly as
+    a file is kept whatever its name. Something that is not a regular file (a folder
     named ``x.jpeg``, a socket) is never returned.
 
     Raises:
@@ -77,7 +86,7 @@ def collect_images(paths: Iterable[str | os.PathLike]) -> list[Path]:
                 dirs.sort()
                 for name in files:
                     child = Path(root) / name
-                    if child.suffix.lower() in IMAGE_EXTENSIONS and child.is_file():
+                    if is_image_file(child):
                         found[str(child)] = child
         elif path.exists():
             raise FileNotFoundError(f"{path}: not a file or folder")
@@ -112,6 +121,24 @@ def collect_labelled(paths: Iterable[str | os.PathLike]) -> list[tuple[Path, str
     return sorted(found.values(), key=lambda item: str(item[0]))
 
 
+def is_image_file(path: Path) -> bool:
+    """Whether a folder walk keeps ``path``: a regular file with an image or DICOM
+    extension, or any other file whose first 132 bytes say DICOM (``DICM``)."""
+    suffix = path.suffix.lower()
+    if suffix in IMAGE_EXTENSIONS or suffix in DICOM_EXTENSIONS:
+        return path.is_file()
+    if path.name.upper() in _SKIPPED_NAMES or path.name.startswith("."):
+        return False
+    try:
+        if not path.is_file():
+            return False
+        with open(path, "rb") as fh:
+            head = fh.read(132)
+    except OSError:
+        return False
+    return len(head) == 132 and head[128:132] == b"DICM"
+
+
 def label_from_path(path: str | os.PathLike) -> str | None:
     """Ground truth from the nearest parent folder named NORMAL or PNEUMONIA."""
     for part in reversed(Path(path).parent.parts):
@@ -131,6 +158,8 @@ def sniff_format(head: bytes) -> str | None:
         return "bmp"
     if head.startswith((b"II*\x00", b"MM\x00*")):
         return "tiff"
+    if len(head) >= 132 and head[128:132] == b"DICM":
+        return "dicom"
     return None
 
 
@@ -319,10 +348,18 @@ def _decode(path: Path, target: int | None, info: dict | None, locked: bool) -> 
         data = np.fromfile(path, dtype=np.uint8)
     except OSError as exc:
         raise ImageDecodeError(f"cannot read file: {exc.strerror or exc}") from None
-    raw = data[:64].tobytes()
+    raw = data[:132].tobytes()
     fmt = sniff_format(raw)
     if fmt is None:
-        raise ImageDecodeError("not a supported image (expected JPEG, PNG, BMP or TIFF content)")
+        raise ImageDecodeError(
+            "not a supported image (expected JPEG, PNG, BMP, TIFF or DICOM content)")
+    if fmt == "dicom":
+        from .dicom import DicomError, decode_dicom
+
+        try:
+            return decode_dicom(data.tobytes(), info, MAX_PIXELS, MAX_DECODED_BYTES)
+        except DicomError as exc:
+            raise ImageDecodeError(str(exc)) from None
 
     flags = cv2.IMREAD_GRAYSCALE
     dims: tuple[int, int] | None = None
