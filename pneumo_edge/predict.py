@@ -38,6 +38,9 @@ class Prediction:
     ood_score: float | None = None
     in_distribution: bool | None = None
     warnings: tuple[str, ...] = ()
+    #: for DICOM files, the non-identifying acquisition facts of
+    #: :data:`pneumo_edge.dicom.FACT_KEYS`; None for other formats
+    dicom: dict | None = None
     #: class activation logits (h, w), float16, when the model has a ``cam`` output
     cam: np.ndarray | None = field(default=None, repr=False, compare=False)
 
@@ -89,12 +92,12 @@ FLAG_PREFIX = "flagged: "
 
 
 def _decode(path: Path, model: PneumoModel):
-    """(model input, input-check warnings) or an ImageDecodeError."""
+    """(model input, input-check warnings, DICOM facts or None) or an ImageDecodeError."""
     cfg = model.preprocess
     try:
         info: dict = {}
         gray = decode_gray(path, target=max(cfg.height, cfg.width), info=info)
-        return to_model_input(gray, cfg), tuple(input_warnings(gray, info))
+        return to_model_input(gray, cfg), tuple(input_warnings(gray, info)), info.get("dicom")
     except ImageDecodeError as exc:
         return exc
     except MemoryError:
@@ -135,7 +138,7 @@ def predict_paths(model: PneumoModel, files: Sequence[Path], *, batch_size: int 
     heatmaps: dict[str, str] = {}
     times: list[float] = []
     batch: list[np.ndarray] = []
-    batch_items: list[tuple[Path, str | None, tuple[str, ...]]] = []
+    batch_items: list[tuple[Path, str | None, tuple[str, ...], dict | None]] = []
     if heatmap_dir is not None:
         Path(heatmap_dir).mkdir(parents=True, exist_ok=True)
 
@@ -146,7 +149,7 @@ def predict_paths(model: PneumoModel, files: Sequence[Path], *, batch_size: int 
         out = model.run_all(np.stack(batch))
         per_image = (time.perf_counter() - t0) * 1000.0 / len(batch)
         times.extend([per_image] * len(batch))
-        for i, ((p, truth, warns), prob) in enumerate(zip(batch_items, out["prob"])):
+        for i, ((p, truth, warns, dicom), prob) in enumerate(zip(batch_items, out["prob"])):
             prob = float(prob)
             ood = None if out["ood"] is None else float(out["ood"][i])
             inside = None
@@ -161,7 +164,7 @@ def predict_paths(model: PneumoModel, files: Sequence[Path], *, batch_size: int 
                 continue
             cam = None if out["cam"] is None else out["cam"][i].astype(np.float16)
             pred = Prediction(str(p), prob, "PNEUMONIA" if prob >= thr else "NORMAL", thr, truth,
-                              ood, inside, warns, cam)
+                              ood, inside, warns, dicom, cam)
             predictions.append(pred)
             if heatmap_dir is not None and cam is not None:
                 heatmaps[pred.path] = _write_heatmap(Path(heatmap_dir), len(predictions) - 1,
@@ -188,7 +191,7 @@ def predict_paths(model: PneumoModel, files: Sequence[Path], *, batch_size: int 
                 failures.append(Failure(str(path), str(result)))
             else:
                 batch.append(result[0])
-                batch_items.append((path, truth, result[1]))
+                batch_items.append((path, truth, result[1], result[2]))
                 if len(batch) >= batch_size:
                     flush()
                     if progress:

@@ -67,4 +67,25 @@ def input_warnings(gray: np.ndarray, info: dict | None = None) -> list[str]:
         if margin < -INVERTED_MARGIN:
             out.append(f"likely inverted polarity (mediastinum {-margin:.0f} grey levels darker "
                        "than the lung fields)")
+    out += dicom_warnings(info)
+    return out
+
+
+def dicom_warnings(info: dict) -> list[str]:
+    """Warnings from a DICOM file's acquisition facts (``info['dicom']``)."""
+    from .dicom import LATERAL_VIEWS, RADIOGRAPH_MODALITIES
+
+    facts = info.get("dicom") or {}
+    out: list[str] = []
+    view = (facts.get("view_position") or "").upper()
+    if view in LATERAL_VIEWS:
+        out.append(f"lateral view (ViewPosition {view}): the model was trained on frontal "
+                   "chest X-rays")
+    modality = (facts.get("modality") or "").upper()
+    if modality and modality not in RADIOGRAPH_MODALITIES:
+        out.append(f"DICOM modality {modality}: the model was trained on chest radiographs "
+                   "(CR/DX)")
+    if info.get("dicom_burned_in"):
+        out.append("burned-in annotation (DICOM): the pixels may show patient data, and "
+                   "thumbnails and heatmaps reproduce them")
     return out

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from . import __version__
+from .dicom import FACT_KEYS
 from .metadata import finite_json
 from .metrics import roc_curve
 from .predict import PredictionRun
@@ -92,7 +93,8 @@ def _prediction_dict(p) -> dict:
     return {"path": p.path, "probability": round(p.probability, 6), "label": p.label,
             "truth": p.truth,
             "ood_score": None if p.ood_score is None else round(p.ood_score, 4),
-            "in_distribution": p.in_distribution, "warnings": list(p.warnings)}
+            "in_distribution": p.in_distribution, "warnings": list(p.warnings),
+            "dicom": p.dicom}
 
 
 #: The keys of report.json that other tools read; their names are fixed. More keys
@@ -106,7 +108,7 @@ REPORT_KEYS = {
     "end_to_end": ("seconds", "images_per_second", "batch_size"),
     "failures": ("path", "error"),
     "predictions": ("path", "probability", "label", "truth", "ood_score", "in_distribution",
-                    "warnings"),
+                    "warnings", "dicom"),
 }
 
 
@@ -141,14 +143,18 @@ def predictions_csv(run: PredictionRun) -> str:
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(["path", "probability", "label", "threshold", "truth", "ood_score",
-                "in_distribution", "warnings", "error"])
+                "in_distribution", "warnings", "error", *(f"dicom_{k}" for k in FACT_KEYS)])
     for p in run.predictions:
+        facts = p.dicom or {}
         w.writerow([csv_safe(p.path), f"{p.probability:.6f}", p.label, f"{p.threshold:.6f}",
                     p.truth or "", "" if p.ood_score is None else f"{p.ood_score:.4f}",
                     "" if p.in_distribution is None else str(p.in_distribution).lower(),
-                    csv_safe("; ".join(p.warnings)), ""])
+                    csv_safe("; ".join(p.warnings)), "",
+                    *(csv_safe(str(facts.get(k) if facts.get(k) is not None else ""))
+                      for k in FACT_KEYS)])
     for f in run.failures:
-        w.writerow([csv_safe(f.path), "", "", "", "", "", "", "", csv_safe(f.error)])
+        w.writerow([csv_safe(f.path), "", "", "", "", "", "", "", csv_safe(f.error),
+                    *([""] * len(FACT_KEYS))])
     return buf.getvalue()
 
 
@@ -300,6 +306,17 @@ def _gallery_html(run: PredictionRun) -> str:
     return "".join(parts)
 
 
+def dicom_summary(facts: dict | None) -> str:
+    """One line of a DICOM file's acquisition facts, e.g. ``CR PA MONOCHROME1 12-bit RLE Lossless``."""
+    if not facts:
+        return ""
+    parts = [facts.get("modality"), facts.get("view_position"),
+             facts.get("photometric_interpretation"),
+             None if facts.get("bits_stored") is None else f"{facts['bits_stored']}-bit",
+             facts.get("transfer_syntax")]
+    return " ".join(str(x) for x in parts if x)
+
+
 def render_html(run: PredictionRun, report: dict) -> str:
     mt = run.metrics
     e = html.escape
@@ -318,11 +335,13 @@ def render_html(run: PredictionRun, report: dict) -> str:
                  for k, v in meta.items()]
     failures = ("".join(f"<tr><td>{e(f.path)}</td><td>{e(f.error)}</td></tr>" for f in run.failures)
                 or "<tr><td colspan='2' class='muted'>none</td></tr>")
+    any_dicom = any(p.dicom for p in run.predictions)
     pred_rows = "".join(
         f"<tr class='{'mis' if p.truth and p.truth != p.label else ''}'><td>{e(p.path)}</td>"
         f"<td>{p.probability:.4f}</td><td>{p.label}</td><td>{p.truth or ''}</td>"
         f"<td>{'' if p.ood_score is None else f'{p.ood_score:.1f}'}</td>"
-        f"<td>{e('; '.join(p.warnings))}</td></tr>"
+        f"<td>{e('; '.join(p.warnings))}</td>"
+        + (f"<td>{e(dicom_summary(p.dicom))}</td>" if any_dicom else "") + "</tr>"
         for p in run.predictions)
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8">
@@ -360,7 +379,7 @@ figure img{{width:200px;border-radius:4px;display:block}} .path{{color:#666;word
 <h2>Failures ({len(run.failures)})</h2>
 <table><tr><th>file</th><th>reason</th></tr>{failures}</table>
 <h2>Predictions ({len(run.predictions)})</h2>
-<div class="scroll"><table><tr><th>file</th><th>P(PNEUMONIA)</th><th>label</th><th>truth</th><th>OOD</th><th>warnings</th></tr>{pred_rows}</table></div>
+<div class="scroll"><table><tr><th>file</th><th>P(PNEUMONIA)</th><th>label</th><th>truth</th><th>OOD</th><th>warnings</th>{'<th>DICOM</th>' if any_dicom else ''}</tr>{pred_rows}</table></div>
 <h2>Model metadata</h2>
 <table>{_rows(meta_rows)}</table>
 </body></html>
