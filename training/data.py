@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pneumo_edge.images import IMAGE_EXTENSIONS, label_from_path
+from pneumo_edge.images import is_image_file, label_from_path
 from pneumo_edge.preprocess import PreprocessConfig, load_gray
 
 CLASS_NAMES = ("NORMAL", "PNEUMONIA")
@@ -48,6 +48,34 @@ def patient_id(path: str | Path) -> str | None:
     return None
 
 
+def dicom_patient_key(path: str | Path) -> str | None:
+    """For a DICOM file with a Patient ID: ``dicom:`` + 16 hex digits of its SHA-256.
+
+    DICOM file names rarely carry the patient, but the header does; the split
+    groups by this key so that no patient is on both sides, and split.csv holds
+    the hash, never the ID itself (a pseudonym: short numeric IDs can be guessed
+    back from it, so treat run folders as internal data).
+    """
+    import hashlib
+
+    from pneumo_edge.images import IMAGE_EXTENSIONS
+
+    if Path(path).suffix.lower() in IMAGE_EXTENSIONS:
+        return None
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(132)
+        if len(head) < 132 or head[128:132] != b"DICM":
+            return None
+        import pydicom
+
+        ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["PatientID"])
+        pid = str(ds.get("PatientID", "") or "").strip()
+    except Exception:
+        return None
+    return "dicom:" + hashlib.sha256(pid.encode()).hexdigest()[:16] if pid else None
+
+
 def discover(data_dir: str | Path) -> tuple[list[Sample], int]:
     """Find labelled images under ``data_dir`` (NORMAL/ and PNEUMONIA/, at any depth).
 
@@ -62,12 +90,11 @@ def discover(data_dir: str | Path) -> tuple[list[Sample], int]:
         raise DataError(f"{root}: data folder not found")
     samples: list[Sample] = []
     no_patient = 0
-    for path in sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS
-                       and p.is_file()):
+    for path in sorted(p for p in root.rglob("*") if is_image_file(p)):
         truth = label_from_path(path.relative_to(root))
         if truth is None:
             continue
-        pid = patient_id(path)
+        pid = dicom_patient_key(path) or patient_id(path)  # the header outranks the name
         if pid is None:
             no_patient += 1
             pid = f"file:{path.relative_to(root).as_posix()}"
@@ -158,7 +185,7 @@ def load_arrays(samples: list[Sample], cfg: PreprocessConfig, perturbation: str 
     """
     from concurrent.futures import ThreadPoolExecutor
 
-    from pneumo_edge.images import decode_gray
+    from pneumo_edge.images import ImageDecodeError, decode_gray
     from pneumo_edge.preprocess import resize_gray
     from pneumo_edge.robustness import perturb
 
@@ -171,8 +198,15 @@ def load_arrays(samples: list[Sample], cfg: PreprocessConfig, perturbation: str 
             gray = decode_gray(samples[i].path, target=max(cfg.height, cfg.width))
             images[i, :, :, 0] = resize_gray(perturb(gray, perturbation), cfg)
 
+    def fill_or_name(i: int) -> None:
+        try:
+            fill(i)
+        except ImageDecodeError as exc:  # name the file: training cannot leave a hole
+            raise DataError(f"{samples[i].path}: {exc} (remove it from the data folder)"
+                            ) from None
+
     with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 2)) as pool:
-        list(pool.map(fill, range(len(samples))))
+        list(pool.map(fill_or_name, range(len(samples))))
     return images, np.array([s.label for s in samples], dtype=np.float32)
 
 

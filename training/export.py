@@ -166,11 +166,11 @@ class _CalibReader:
 
     def _load(self, i: int) -> np.ndarray:
         if not self.shifted:
-            return load_image(self.paths[i], self.cfg)
+            return _named(load_image, self.paths[i], self.cfg)
         from pneumo_edge.robustness import PERTURBATIONS, perturbed_input
 
-        return perturbed_input(self.paths[i], self.cfg, PERTURBATIONS[i % len(PERTURBATIONS)],
-                               seed=i)
+        return _named(perturbed_input, self.paths[i], self.cfg,
+                      PERTURBATIONS[i % len(PERTURBATIONS)], seed=i)
 
     def rewind(self):
         self._it = iter(range(0, len(self.paths), self.batch))
@@ -289,7 +289,7 @@ def _add_heads(model, src: _Source, calib, cfg: PreprocessConfig, ood_size: int,
         # every other fitting image goes through a robustness-suite perturbation, so a
         # wider framing or another exposure is not "out of distribution" by itself
         name = PERTURBATIONS[(i // 2) % len(PERTURBATIONS)] if shifted and i % 2 else "clean"
-        return perturbed_input(path, cfg, name, seed=i)
+        return _named(perturbed_input, path, cfg, name, seed=i)
 
     feats = feature_model(model)
 
@@ -617,6 +617,16 @@ def choose_default(results: list[PrecisionResult]) -> PrecisionResult:
                 or rob["min_agreement_with_fp32"] < INT8_MIN_AGREEMENT):
         return fp32
     return int8
+
+
+def _named(load, path, *args, **kwargs) -> np.ndarray:
+    """``load(path, ...)``; an undecodable file ends the export naming it."""
+    from pneumo_edge.images import ImageDecodeError
+
+    try:
+        return load(path, *args, **kwargs)
+    except ImageDecodeError as exc:
+        raise ExportError(f"{path}: {exc} (remove it from the calibration images)") from None
 
 
 def _calibration_paths(src: _Source, calib, calib_size: int, rng) -> list[str]:
