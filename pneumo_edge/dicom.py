@@ -322,7 +322,7 @@ def _scrub(message: str, ds) -> str:
             continue
         values = value if isinstance(value, (list, tuple)) else [value]
         for v in values:
-            for part in {str(v), *str(v).split("^")}:
+            for part in sorted({str(v), *str(v).split("^")}, key=len, reverse=True):
                 part = part.strip()
                 if len(part) >= 3:
                     message = message.replace(part, "[removed]")
@@ -330,8 +330,9 @@ def _scrub(message: str, ds) -> str:
 
 
 def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0][:200] if text else "no detail"
+    """The message on one line: pydicom lists each plugin's failure on its own line."""
+    text = " ".join(part.strip() for part in str(exc).strip().splitlines() if part.strip())
+    return text[:300] if text else "no detail"
 
 
 def _first(value) -> float | None:

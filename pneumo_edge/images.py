@@ -149,7 +149,13 @@ def label_from_path(path: str | os.PathLike) -> str | None:
 
 
 def sniff_format(head: bytes) -> str | None:
-    """Name the image format from its first bytes, or None if not supported."""
+    """Name the image format from its first bytes, or None if not supported.
+
+    DICOM comes first: its 128-byte preamble may itself be a TIFF header (a
+    dual-personality file), and the DICOM dataset is the one to read.
+    """
+    if len(head) >= 132 and head[128:132] == b"DICM":
+        return "dicom"
     if head.startswith(b"\xff\xd8\xff"):
         return "jpeg"
     if head.startswith(b"\x89PNG\r\n\x1a\n"):
@@ -158,8 +164,6 @@ def sniff_format(head: bytes) -> str | None:
         return "bmp"
     if head.startswith((b"II*\x00", b"MM\x00*")):
         return "tiff"
-    if len(head) >= 132 and head[128:132] == b"DICM":
-        return "dicom"
     return None
 
 

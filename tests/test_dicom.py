@@ -260,3 +260,26 @@ def test_train_and_calibrate_on_dicom_folders(tmp_path):
         if path.is_file():
             blob = path.read_bytes()
             assert not any(s.encode() in blob for s in PLANTED + ("MRN-",)), path
+
+
+def _bundled(name: str) -> Path:
+    from pydicom.data import get_testdata_file
+
+    path = get_testdata_file(name, download=False)  # never a download in tests
+    if path is None:
+        pytest.skip(f"{name} is not bundled with this pydicom")
+    return Path(path)
+
+
+def test_pydicom_bundled_files(tmp_path):
+    mr = decode_gray(_bundled("MR_small.dcm"))
+    for lossless in ("MR_small_RLE.dcm", "MR_small_jpeg_ls_lossless.dcm"):
+        assert np.array_equal(decode_gray(_bundled(lossless)), mr), lossless
+    info: dict = {}
+    ct = decode_gray(_bundled("CT_small.dcm"), info=info)  # its preamble is a TIFF header
+    assert ct.shape == (128, 128) and info["format"] == "dicom"
+    assert info["dicom"]["modality"] == "CT"
+    assert "RT Plan Storage" in _fails(_bundled("rtplan.dcm"))
+    info = {}
+    decode_gray(_bundled("SC_rgb_jpeg_dcmtk.dcm"), info=info)  # a colour secondary capture
+    assert info["dicom"]["photometric_interpretation"] == "YBR_FULL" and info["chroma"] > 50
