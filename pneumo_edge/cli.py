@@ -207,6 +207,16 @@ class FlaggedAs(str, Enum):
     fail = "fail"
 
 
+class Engine(str, Enum):
+    local = "local"
+    ray = "ray"
+
+
+class RayDecode(str, Enum):
+    actors = "actors"
+    tasks = "tasks"
+
+
 def _check_out(out: Path) -> None:
     """Refuse an unusable --out before any inference (exit 2)."""
     import os
@@ -237,6 +247,13 @@ def predict(
     flagged_as: Annotated[FlaggedAs, typer.Option(help="warn: flagged images (input checks, out of distribution) keep their prediction with warnings; fail: they become failures.")] = FlaggedAs.warn,
     show: Annotated[int, typer.Option(min=0, help="Rows of per-image results to print when files are written (all are in predictions.csv).")] = 20,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or per-image table.")] = False,
+    engine: Annotated[Engine, typer.Option(help="local: this process; ray: Ray Data (pip install 'pneumo-edge[scale]'), local or --ray-address.")] = Engine.local,
+    actors: Annotated[int, typer.Option(min=1, max=4096, help="--engine ray: model actors (one onnxruntime session each).")] = 2,
+    ray_address: Annotated[Optional[str], typer.Option(help="--engine ray: an existing cluster (e.g. auto, ray://head:10001); default a local Ray.")] = None,
+    ray_decode: Annotated[RayDecode, typer.Option(help="--engine ray: decode in the model actors (fastest on one node) or in separate Ray tasks (CPU nodes decode, GPU nodes infer).")] = RayDecode.actors,
+    resume: Annotated[bool, typer.Option("--resume", help="--engine ray: skip files already in --out's journal (an interrupted run).")] = False,
+    parquet: Annotated[bool, typer.Option("--parquet", help="--engine ray: also write predictions.parquet (always for runs over --report-limit).")] = False,
+    report_limit: Annotated[int, typer.Option(min=1, help="--engine ray: above this many files, report.json and report.html keep aggregates only; every record is in predictions.csv.")] = 50_000,
 ):
     """Predict NORMAL/PNEUMONIA for X-ray images; with labelled folders, evaluate.
 
@@ -257,12 +274,24 @@ def predict(
     if not items:
         raise _fail(f"no image files found in {', '.join(map(str, paths))}")
     files, truths = [i[0] for i in items], [i[1] for i in items]
-    if report and out is None:
+    if engine is Engine.local:
+        for flag, given in (("--resume", resume), ("--parquet", parquet)):
+            if given:
+                raise _fail(f"{flag} works with --engine ray only")
+    elif heatmaps is not None:
+        raise _fail("--heatmaps works with --engine local only")
+    if (report or engine is Engine.ray) and out is None:
         out = Path("pneumo_edge_report")
     for folder in (out, heatmaps):
         if folder is not None:
             _check_out(folder)
     model_path = _resolve_model(model)
+    if engine is Engine.ray:
+        return _predict_ray(model_path, files, truths, out, report=report,
+                            batch_size=batch_size, threads=threads, threshold=threshold,
+                            flagged_as=flagged_as.value, actors=actors, address=ray_address,
+                            decode=ray_decode.value, resume=resume, parquet=parquet,
+                            report_limit=report_limit, show=show, quiet=quiet)
     try:
         loaded = load_model(model_path, device=device.value, threads=threads)
     except ModelError as exc:
@@ -311,6 +340,61 @@ def predict(
                       highlight=False)
     console.print(Text(DISCLAIMER, style="dim"))
     if run.failures:
+        raise typer.Exit(EXIT_SOME_FAILED)
+
+
+def _predict_ray(model_path: Path, files, truths, out: Path, *, report: bool, show: int,
+                 quiet: bool, parquet: bool, **kwargs) -> None:
+    """predict --engine ray: the same outputs as the local engine, via pneumo_edge.scale."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
+
+    from .report import DISCLAIMER, write_report
+    from .runtime import ModelError
+    from .scale import JOURNAL, RayUnavailable, journal_csv_writer, predict_ray, write_parquet
+
+    err.print(plain(f"model: {model_path} (Ray engine, {kwargs['actors']} actors)"),
+              style="dim", highlight=False)
+    journal = out / JOURNAL
+    try:
+        if quiet:
+            run, journal = predict_ray(model_path, files, truths, out, **kwargs)
+        else:
+            with Progress("[progress.description]{task.description}", BarColumn(),
+                          MofNCompleteColumn(), TimeRemainingColumn(), console=err,
+                          transient=True) as bar:
+                task = bar.add_task("predicting (ray)", total=len(files))
+                run, journal = predict_ray(model_path, files, truths, out,
+                                           progress=lambda n: bar.update(task, completed=n),
+                                           **kwargs)
+    except (RayUnavailable, ModelError) as exc:
+        raise _fail(str(exc))
+    except KeyboardInterrupt:
+        raise _fail(f"interrupted; finished files are kept in {journal}: rerun with --resume",
+                    EXIT_INTERRUPTED)
+
+    omitted = run.omitted_predictions + run.omitted_failures
+    try:
+        if parquet or omitted:
+            write_parquet(journal, out / "predictions.parquet")
+        written = write_report(run, out, html=report, json_report=report,
+                               csv_data=journal_csv_writer(journal) if omitted else None)
+    except OSError as exc:
+        raise _fail(f"--out {out}: could not write the report ({exc.strerror or exc}); "
+                    f"earlier report files were left as they were; records are in {journal}")
+    if parquet or omitted:
+        written["parquet"] = out / "predictions.parquet"
+    if not quiet:
+        render_predictions(run, show, written.get("csv"))
+    render_failures(run)
+    render_summary(run)
+    for path in written.values():
+        console.print(Text("wrote ") + plain(path), highlight=False)
+    if omitted:
+        console.print(plain(f"{run.n_images} files is over --report-limit: report.json and "
+                            "report.html keep aggregates; every record is in "
+                            "predictions.csv and predictions.parquet"), style="yellow")
+    console.print(Text(DISCLAIMER, style="dim"))
+    if run.n_failed:
         raise typer.Exit(EXIT_SOME_FAILED)
 
 

@@ -124,8 +124,8 @@ def render_summary(run) -> None:
     table.add_row("model", plain(f"{run.model['path']} ({run.model['precision']}, "
                                  f"{run.model['provider']})"))
     table.add_row("threshold", f"{run.model['threshold']:.4f}")
-    table.add_row("images", f"{run.n_images} ({len(run.predictions)} predicted, "
-                            f"{len(run.failures)} failed)")
+    table.add_row("images", f"{run.n_images} ({run.n_predicted} predicted, "
+                            f"{run.n_failed} failed)")
     table.add_row("flagged", f"{run.n_flagged} (input checks or out of distribution; "
                              f"--flagged-as {run.flagged_as})")
     m = run.metrics

@@ -19,11 +19,12 @@ import numpy as np
 
 from .images import ImageDecodeError, decode_gray, label_from_path
 from .metrics import BinaryMetrics, binary_metrics, latency_summary
-from .preprocess import to_model_input
+from .preprocess import PreprocessConfig, resize_gray, to_model_input
 from .quality import input_warnings
 from .runtime import PneumoModel
 
-__all__ = ["Prediction", "Failure", "PredictionRun", "predict_paths", "FLAGGED_AS"]
+__all__ = ["Prediction", "Failure", "PredictionRun", "predict_paths", "decode_file",
+           "batch_records", "FLAGGED_AS"]
 
 FLAGGED_AS = ("warn", "fail")
 
@@ -69,15 +70,32 @@ class PredictionRun:
     model_meta: dict = field(default_factory=dict, repr=False)
     heatmaps: dict[str, str] = field(default_factory=dict, repr=False)
     flagged_as: str = "warn"
+    #: predictions / failures / flagged records not held in the lists above (large
+    #: runs of the Ray engine keep them only in the files; counts stay exact)
+    omitted_predictions: int = 0
+    omitted_failures: int = 0
+    omitted_flagged: int = 0
+    #: images predicted by this process (a resumed run also reports earlier ones);
+    #: the end-to-end throughput divides this by ``seconds``
+    session_predicted: int | None = None
+    engine: str = "local"
+
+    @property
+    def n_predicted(self) -> int:
+        return len(self.predictions) + self.omitted_predictions
+
+    @property
+    def n_failed(self) -> int:
+        return len(self.failures) + self.omitted_failures
 
     @property
     def n_images(self) -> int:
-        return len(self.predictions) + len(self.failures)
+        return self.n_predicted + self.n_failed
 
     @property
     def n_flagged(self) -> int:
         return sum(p.flagged for p in self.predictions) + sum(
-            f.error.startswith(FLAG_PREFIX) for f in self.failures)
+            f.error.startswith(FLAG_PREFIX) for f in self.failures) + self.omitted_flagged
 
     @property
     def latency_ms(self) -> dict:
@@ -85,25 +103,58 @@ class PredictionRun:
 
     @property
     def images_per_second(self) -> float:
-        return len(self.predictions) / self.seconds if self.seconds > 0 else 0.0
+        done = len(self.predictions) if self.session_predicted is None else self.session_predicted
+        return done / self.seconds if self.seconds > 0 else 0.0
 
 
 FLAG_PREFIX = "flagged: "
 
 
-def _decode(path: Path, model: PneumoModel):
-    """(model input, input-check warnings, DICOM facts or None) or an ImageDecodeError."""
-    cfg = model.preprocess
+def decode_file(path: str | os.PathLike, cfg: PreprocessConfig):
+    """(resized uint8 image, input-check warnings, DICOM facts or None) or an
+    ImageDecodeError: the one decoding step of every engine (never raises)."""
     try:
         info: dict = {}
         gray = decode_gray(path, target=max(cfg.height, cfg.width), info=info)
-        return to_model_input(gray, cfg), tuple(input_warnings(gray, info)), info.get("dicom")
+        return resize_gray(gray, cfg), tuple(input_warnings(gray, info)), info.get("dicom")
     except ImageDecodeError as exc:
         return exc
     except MemoryError:
         return ImageDecodeError("out of memory while decoding")
     except Exception as exc:  # one bad file must never end the batch
         return ImageDecodeError(f"{type(exc).__name__}: {exc}".splitlines()[0])
+
+
+def _decode(path: Path, model: PneumoModel):
+    """(model input, input-check warnings, DICOM facts or None) or an ImageDecodeError."""
+    result = decode_file(path, model.preprocess)
+    if isinstance(result, ImageDecodeError):
+        return result
+    return (to_model_input(result[0], model.preprocess),) + result[1:]
+
+
+def batch_records(items, out: dict, thr: float, ood_thr: float | None,
+                  flagged_as: str) -> list[Prediction | Failure]:
+    """Turn one model run into records; ``items`` are (path, truth, warnings, dicom)
+    in batch order and ``out`` is :meth:`PneumoModel.run_all`'s result."""
+    records: list[Prediction | Failure] = []
+    for i, ((p, truth, warns, dicom), prob) in enumerate(zip(items, out["prob"])):
+        prob = float(prob)
+        ood = None if out["ood"] is None else float(out["ood"][i])
+        inside = None
+        if ood is not None:
+            inside = bool(np.isfinite(ood) and ood <= ood_thr)
+            if not inside:
+                warns = tuple(warns) + (f"out of distribution (OOD score {ood:.1f} > "
+                                        f"{ood_thr:.1f})",)
+            ood = ood if np.isfinite(ood) else None
+        if warns and flagged_as == "fail":
+            records.append(Failure(str(p), FLAG_PREFIX + "; ".join(warns)))
+            continue
+        cam = None if out.get("cam") is None else out["cam"][i].astype(np.float16)
+        records.append(Prediction(str(p), prob, "PNEUMONIA" if prob >= thr else "NORMAL", thr,
+                                  truth, ood, inside, tuple(warns), dicom, cam))
+    return records
 
 
 def predict_paths(model: PneumoModel, files: Sequence[Path], *, batch_size: int = 8,
@@ -149,26 +200,14 @@ def predict_paths(model: PneumoModel, files: Sequence[Path], *, batch_size: int 
         out = model.run_all(np.stack(batch))
         per_image = (time.perf_counter() - t0) * 1000.0 / len(batch)
         times.extend([per_image] * len(batch))
-        for i, ((p, truth, warns, dicom), prob) in enumerate(zip(batch_items, out["prob"])):
-            prob = float(prob)
-            ood = None if out["ood"] is None else float(out["ood"][i])
-            inside = None
-            if ood is not None:
-                inside = bool(np.isfinite(ood) and ood <= ood_thr)
-                if not inside:
-                    warns = warns + (f"out of distribution (OOD score {ood:.1f} > "
-                                     f"{ood_thr:.1f})",)
-                ood = ood if np.isfinite(ood) else None
-            if warns and flagged_as == "fail":
-                failures.append(Failure(str(p), FLAG_PREFIX + "; ".join(warns)))
+        for rec in batch_records(batch_items, out, thr, ood_thr, flagged_as):
+            if isinstance(rec, Failure):
+                failures.append(rec)
                 continue
-            cam = None if out["cam"] is None else out["cam"][i].astype(np.float16)
-            pred = Prediction(str(p), prob, "PNEUMONIA" if prob >= thr else "NORMAL", thr, truth,
-                              ood, inside, warns, dicom, cam)
-            predictions.append(pred)
-            if heatmap_dir is not None and cam is not None:
-                heatmaps[pred.path] = _write_heatmap(Path(heatmap_dir), len(predictions) - 1,
-                                                     pred)
+            predictions.append(rec)
+            if heatmap_dir is not None and rec.cam is not None:
+                heatmaps[rec.path] = _write_heatmap(Path(heatmap_dir), len(predictions) - 1,
+                                                    rec)
         batch.clear()
         batch_items.clear()
 

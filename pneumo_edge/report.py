@@ -65,7 +65,15 @@ def _write_temp(path: Path, data: str | bytes) -> str:
         with os.fdopen(fd, "wb") as fh:
             # file names that are not UTF-8 arrive as lone surrogates: write them as
             # visible \udcXX escapes instead of failing after all the work is done
-            fh.write(data.encode("utf-8", "backslashreplace") if isinstance(data, str) else data)
+            if callable(data):  # streamed: data(text_file) writes the content
+                text = io.TextIOWrapper(fh, encoding="utf-8", errors="backslashreplace",
+                                        newline="")
+                data(text)
+                text.flush()
+                text.detach()
+            else:
+                fh.write(data.encode("utf-8", "backslashreplace") if isinstance(data, str)
+                         else data)
             fh.flush()
             os.fsync(fh.fileno())
         os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the usual mode
@@ -118,7 +126,7 @@ def report_dict(run: PredictionRun) -> dict:
     return {
         "model": run.model,
         "n_images": run.n_images,
-        "n_failed": len(run.failures),
+        "n_failed": run.n_failed,
         "metrics": None if run.metrics is None else run.metrics.to_dict(),
         "latency_ms": {k: _finite(v) for k, v in lat.items()},
         "end_to_end": {"seconds": round(run.seconds, 4),
@@ -130,7 +138,10 @@ def report_dict(run: PredictionRun) -> dict:
         "flagged_as": run.flagged_as,
         "heatmaps": run.heatmaps or None,
         "model_metadata": run.model_meta,
-        "n_predicted": len(run.predictions),
+        "n_predicted": run.n_predicted,
+        "engine": run.engine,
+        # large Ray runs: the per-file records live only in predictions.csv
+        "predictions_omitted": run.omitted_predictions + run.omitted_failures,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "pneumo_edge_version": __version__,
         "host": {"python": platform.python_version(), "machine": platform.machine(),
@@ -139,22 +150,30 @@ def report_dict(run: PredictionRun) -> dict:
     }
 
 
+CSV_HEADER = ["path", "probability", "label", "threshold", "truth", "ood_score",
+              "in_distribution", "warnings", "error", *(f"dicom_{k}" for k in FACT_KEYS)]
+
+
+def csv_row(rec) -> list[str]:
+    """One predictions.csv row for a Prediction or a Failure."""
+    if not hasattr(rec, "probability"):
+        return [csv_safe(rec.path), "", "", "", "", "", "", "", csv_safe(rec.error),
+                *([""] * len(FACT_KEYS))]
+    p, facts = rec, rec.dicom or {}
+    return [csv_safe(p.path), f"{p.probability:.6f}", p.label, f"{p.threshold:.6f}",
+            p.truth or "", "" if p.ood_score is None else f"{p.ood_score:.4f}",
+            "" if p.in_distribution is None else str(p.in_distribution).lower(),
+            csv_safe("; ".join(p.warnings)), "",
+            *(csv_safe(str(facts.get(k) if facts.get(k) is not None else ""))
+              for k in FACT_KEYS)]
+
+
 def predictions_csv(run: PredictionRun) -> str:
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["path", "probability", "label", "threshold", "truth", "ood_score",
-                "in_distribution", "warnings", "error", *(f"dicom_{k}" for k in FACT_KEYS)])
-    for p in run.predictions:
-        facts = p.dicom or {}
-        w.writerow([csv_safe(p.path), f"{p.probability:.6f}", p.label, f"{p.threshold:.6f}",
-                    p.truth or "", "" if p.ood_score is None else f"{p.ood_score:.4f}",
-                    "" if p.in_distribution is None else str(p.in_distribution).lower(),
-                    csv_safe("; ".join(p.warnings)), "",
-                    *(csv_safe(str(facts.get(k) if facts.get(k) is not None else ""))
-                      for k in FACT_KEYS)])
-    for f in run.failures:
-        w.writerow([csv_safe(f.path), "", "", "", "", "", "", "", csv_safe(f.error),
-                    *([""] * len(FACT_KEYS))])
+    w.writerow(CSV_HEADER)
+    for rec in [*run.predictions, *run.failures]:
+        w.writerow(csv_row(rec))
     return buf.getvalue()
 
 
@@ -364,7 +383,7 @@ figure img{{width:200px;border-radius:4px;display:block}} .path{{color:#666;word
 <h1>pneumo-edge prediction report</h1>
 <div class="muted">{e(report['created'])} &middot; pneumo-edge {e(__version__)} &middot; model <code>{e(run.model['path'])}</code> ({e(run.model['precision'])}, sha256 <code>{e(run.model['sha256'][:16])}&hellip;</code>)</div>
 <div class="disclaimer"><b>Not a medical device.</b> {e(DISCLAIMER)}</div>
-<p>{run.n_images} images: {len(run.predictions)} predicted, {len(run.failures)} failed, {run.n_flagged} flagged (input checks or out of distribution; treated as {e(run.flagged_as)}). Decision threshold {run.model['threshold']:.4f} on P(PNEUMONIA).</p>
+<p>{run.n_images} images: {run.n_predicted} predicted, {run.n_failed} failed, {run.n_flagged} flagged (input checks or out of distribution; treated as {e(run.flagged_as)}). Decision threshold {run.model['threshold']:.4f} on P(PNEUMONIA).</p>
 <div class="grid">
 <div><h2>Metrics</h2><table>{_rows(metric_rows)}</table></div>
 <div><h2>Confusion matrix</h2>{_confusion_html(run)}</div>
@@ -376,9 +395,9 @@ figure img{{width:200px;border-radius:4px;display:block}} .path{{color:#666;word
 </div>
 <h2>Gallery</h2>
 {_gallery_html(run)}
-<h2>Failures ({len(run.failures)})</h2>
+<h2>Failures ({run.n_failed}{f", {len(run.failures)} listed" if run.omitted_failures else ""})</h2>
 <table><tr><th>file</th><th>reason</th></tr>{failures}</table>
-<h2>Predictions ({len(run.predictions)})</h2>
+<h2>Predictions ({run.n_predicted}{"; listed in predictions.csv only" if run.omitted_predictions else ""})</h2>
 <div class="scroll"><table><tr><th>file</th><th>P(PNEUMONIA)</th><th>label</th><th>truth</th><th>OOD</th><th>warnings</th>{'<th>DICOM</th>' if any_dicom else ''}</tr>{pred_rows}</table></div>
 <h2>Model metadata</h2>
 <table>{_rows(meta_rows)}</table>
@@ -386,15 +405,28 @@ figure img{{width:200px;border-radius:4px;display:block}} .path{{color:#666;word
 """
 
 
-def write_report(run: PredictionRun, out_dir: str | os.PathLike) -> dict[str, Path]:
-    """Write report.json, predictions.csv and report.html into ``out_dir``."""
+def write_report(run: PredictionRun, out_dir: str | os.PathLike, *, html: bool = True,
+                 json_report: bool = True, csv_data=None, extra: dict | None = None
+                 ) -> dict[str, Path]:
+    """Write report.json, predictions.csv and report.html into ``out_dir`` as one set.
+
+    ``csv_data``: the CSV content instead of the run's records (a string, or a
+    callable writing to a text file: the Ray engine streams large runs from its
+    journal). ``extra``: more files of the set, {path: content}.
+    """
     out = Path(out_dir)
     report = report_dict(run)
-    paths = {"json": out / "report.json", "csv": out / "predictions.csv",
-             "html": out / "report.html"}
-    write_set({
-        paths["json"]: json.dumps(finite_json(report), indent=2, ensure_ascii=False,
-                                  allow_nan=False) + "\n",
-        paths["csv"]: predictions_csv(run),
-        paths["html"]: render_html(run, report)})
+    paths = {"csv": out / "predictions.csv"}
+    files = {paths["csv"]: predictions_csv(run) if csv_data is None else csv_data}
+    if json_report:
+        paths["json"] = out / "report.json"
+        files[paths["json"]] = json.dumps(finite_json(report), indent=2, ensure_ascii=False,
+                                          allow_nan=False) + "\n"
+    if html:
+        paths["html"] = out / "report.html"
+        files[paths["html"]] = render_html(run, report)
+    for path, data in (extra or {}).items():
+        paths[Path(path).suffix.lstrip(".")] = Path(path)
+        files[Path(path)] = data
+    write_set(files)
     return paths

@@ -1,0 +1,493 @@
+"""The Ray engine: ``predict --engine ray`` maps the local pipeline over Ray Data.
+
+Nothing is scheduled here: Ray Data lists nothing and stores nothing of ours; it
+runs two stages and streams their output back to this process.
+
+1. **decode** (Ray tasks): :func:`pneumo_edge.predict.decode_file`, the local
+   engine's own decoding step, on batches of paths; the model-size uint8
+   images travel on (a 144 px image is 20 KB), failures travel as reasons;
+2. **model** (an actor pool, ``--actors N``): each actor holds one onnxruntime
+   session (the model file carries its preprocessing and threshold) and turns
+   decoded batches into probabilities, OOD scores and per-image model time.
+
+This process takes the results as they come (streaming, bounded by Ray Data's
+backpressure), turns them into records with the local engine's
+:func:`~pneumo_edge.predict.batch_records`, appends each batch to a journal
+(``predictions.journal.jsonl`` in ``--out``, flushed per batch) and at the end
+writes predictions.csv / report.json / report.html (and Parquet) as one set.
+
+Faults: Ray restarts a dead actor and retries its batch; a record is taken once
+per file index whatever is retried, so every file is accounted for exactly
+once. ``--resume`` reads the journal of an interrupted run and skips the files
+already in it.
+"""
+
+from __future__ import annotations
+
+import array
+import json
+import logging
+import math
+import os
+import time
+import warnings
+from pathlib import Path
+from typing import Callable, Iterator, Sequence
+
+import numpy as np
+
+from .images import ImageDecodeError
+from .metrics import binary_metrics
+from .predict import FLAG_PREFIX, Failure, Prediction, PredictionRun, batch_records, decode_file
+from .preprocess import PreprocessConfig
+
+__all__ = ["JOURNAL", "REPORT_LIMIT", "RayUnavailable", "predict_ray", "ray_available",
+           "read_journal"]
+
+JOURNAL = "predictions.journal.jsonl"
+#: Runs with more files than this keep only aggregates in report.json and
+#: report.html; every record is in predictions.csv (and Parquet).
+REPORT_LIMIT = 50_000
+_PARQUET_CHUNK = 50_000
+_MAX_BLOCKS = 4_000
+
+
+class RayUnavailable(RuntimeError):
+    """The scale extra is not installed, or the cluster cannot be reached."""
+
+
+def ray_available() -> bool:
+    try:
+        import ray  # noqa: F401
+        import ray.data  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+# ------------------------------------------------------------------ records <-> JSON
+
+def record_to_json(rec: Prediction | Failure) -> dict:
+    if isinstance(rec, Failure):
+        return {"path": rec.path, "error": rec.error}
+    return {"path": rec.path, "probability": rec.probability, "label": rec.label,
+            "threshold": rec.threshold, "truth": rec.truth, "ood_score": rec.ood_score,
+            "in_distribution": rec.in_distribution, "warnings": list(rec.warnings),
+            "dicom": rec.dicom}
+
+
+def record_from_json(d: dict) -> Prediction | Failure:
+    if "error" in d:
+        return Failure(d["path"], d["error"])
+    return Prediction(d["path"], float(d["probability"]), d["label"], float(d["threshold"]),
+                      d.get("truth"), d.get("ood_score"), d.get("in_distribution"),
+                      tuple(d.get("warnings") or ()), d.get("dicom"))
+
+
+def read_journal(path: Path) -> Iterator[Prediction | Failure]:
+    """Records of a journal; a last line cut short by an interruption is skipped."""
+    with open(path, encoding="utf-8", errors="surrogateescape") as fh:
+        for line in fh:
+            if not line.endswith("\n"):
+                break  # the process ended mid-line
+            try:
+                yield record_from_json(json.loads(line))
+            except (ValueError, KeyError, TypeError):
+                continue
+
+
+# ------------------------------------------------------------------ the two stages
+
+def _decode_batch(batch: dict, cfg: dict) -> dict:
+    """Ray task: decode a batch of paths with the local engine's decode_file."""
+    pre = PreprocessConfig(**cfg)
+    n = len(batch["path"])
+    images = np.zeros((n, pre.height, pre.width), np.uint8)
+    errors, warns, dicom = [""] * n, [""] * n, [""] * n
+    for i, path in enumerate(batch["path"]):
+        result = decode_file(str(path), pre)
+        if isinstance(result, ImageDecodeError):
+            errors[i] = str(result) or "undecodable"
+        else:
+            images[i] = result[0]
+            warns[i] = json.dumps(list(result[1]))
+            dicom[i] = "" if result[2] is None else json.dumps(result[2])
+    return {"idx": batch["idx"], "path": batch["path"], "truth": batch["truth"],
+            "image": images, "error": np.array(errors, object),
+            "warnings": np.array(warns, object), "dicom": np.array(dicom, object)}
+
+
+class _ModelActor:
+    """Ray actor: one onnxruntime session, batches of decoded images in, scores out."""
+
+    def __init__(self, model_path: str, threads: int, fault: tuple[str, int] | None = None):
+        from .runtime import load_model
+
+        self.model = load_model(model_path, device="auto", threads=threads)
+        self.cfg = self.model.preprocess
+        self.calls = 0
+        self.fault = fault
+
+    def __call__(self, batch: dict) -> dict:
+        from .preprocess import to_model_input
+
+        self.calls += 1
+        if self.fault and self.calls == self.fault[1] and not os.path.exists(self.fault[0]):
+            Path(self.fault[0]).write_text(str(os.getpid()))
+            os._exit(1)  # fault injection for the tests: the actor dies mid-run
+        n = len(batch["path"])
+        prob = np.full(n, np.nan)
+        ood = np.full(n, np.nan)
+        ms = np.zeros(n)
+        ok = np.array([not e for e in batch["error"]], bool)
+        if ok.any():
+            x = np.stack([to_model_input(g, self.cfg) for g in batch["image"][ok]])
+            t0 = time.perf_counter()
+            out = self.model.run_all(x)
+            ms[ok] = (time.perf_counter() - t0) * 1000.0 / len(x)
+            prob[ok] = out["prob"]
+            if out["ood"] is not None:
+                ood[ok] = out["ood"]
+        return {"idx": batch["idx"], "path": batch["path"], "truth": batch["truth"],
+                "error": batch["error"], "warnings": batch["warnings"],
+                "dicom": batch["dicom"], "prob": prob, "ood": ood, "ms": ms,
+                "has_ood": np.full(n, self.model.ood_threshold is not None)}
+
+
+class _DecodingModelActor(_ModelActor):
+    """Ray actor that also decodes (``decode='actors'``): paths in, scores out.
+
+    A thread pool decodes the batch's files while the session runs on the ones
+    already decoded, as the local engine does; only paths and scores travel.
+    """
+
+    def __init__(self, model_path: str, threads: int, workers: int, batch_size: int,
+                 fault: tuple[str, int] | None = None):
+        from concurrent.futures import ThreadPoolExecutor
+
+        super().__init__(model_path, threads, fault)
+        self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="decode")
+        self.batch_size = batch_size
+        self.cfg_dict = _cfg_dict(self.cfg)
+
+    def __call__(self, batch: dict) -> dict:
+        paths = [str(p) for p in batch["path"]]
+        futures = [self.pool.submit(_decode_batch, {"idx": batch["idx"][i:i + self.batch_size],
+                                                    "path": paths[i:i + self.batch_size],
+                                                    "truth": batch["truth"][i:i + self.batch_size]},
+                                    self.cfg_dict)
+                   for i in range(0, len(paths), self.batch_size)]
+        parts = [super(_DecodingModelActor, self).__call__(f.result()) for f in futures]
+        return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+
+# ------------------------------------------------------------------ the engine
+
+def predict_ray(model_path: str | os.PathLike, files: Sequence[Path],
+                truths: Sequence[str | None], out_dir: str | os.PathLike, *,
+                actors: int = 2, address: str | None = None, batch_size: int = 8,
+                threads: int | None = None, threshold: float | None = None,
+                flagged_as: str = "warn", resume: bool = False,
+                report_limit: int = REPORT_LIMIT, task_size: int = 64,
+                decode: str = "actors",
+                progress: Callable[[int], None] | None = None,
+                fault: tuple[str, int] | None = None) -> tuple[PredictionRun, Path]:
+    """Predict ``files`` on Ray Data; returns the run and the journal's path.
+
+    Records stream into ``out_dir/predictions.journal.jsonl``; the caller writes
+    the report files (:func:`write_outputs`). ``fault`` = (marker file, n): the
+    first actor to reach its n-th batch while the marker is absent writes it and
+    dies (tests).
+
+    Raises:
+        RayUnavailable: no scale extra, or ``address`` cannot be reached.
+        ModelError: the model is unusable (checked here before any worker starts).
+    """
+    if decode not in ("actors", "tasks"):
+        raise ValueError("decode must be 'actors' or 'tasks'")
+    if not ray_available():
+        raise RayUnavailable("--engine ray needs the scale extra: "
+                             "pip install 'pneumo-edge[scale]'")
+    import ray
+    import ray.data
+
+    from .runtime import load_model
+
+    local = load_model(model_path, device="cpu", threads=1)  # checks the model once, here
+    thr = local.threshold if threshold is None else float(threshold)
+    ood_thr = local.ood_threshold
+    cfg = local.preprocess
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    journal = out / JOURNAL
+
+    done: dict[str, Prediction | Failure] = {}
+    if resume and journal.exists():
+        for rec in read_journal(journal):
+            done[rec.path] = rec
+        _rewrite_journal(journal, done.values())  # drop a torn last line
+    elif journal.exists():
+        journal.unlink()
+    todo = [(i, str(p), t or "") for i, (p, t) in enumerate(zip(files, truths))
+            if str(p) not in done]
+
+    collector = _Collector(report_limit, len(files), thr)
+    for rec in done.values():
+        collector.add(rec)
+    t_start = time.perf_counter()
+    if todo:
+        started = _init_ray(ray, address)
+        try:
+            t_start = time.perf_counter()  # end-to-end from here: the cluster is up
+            _execute(ray, todo, journal, collector, model_path=model_path, cfg=cfg,
+                     actors=actors, threads=threads, batch_size=batch_size,
+                     task_size=task_size, decode=decode, fault=fault, thr=thr,
+                     ood_thr=ood_thr, flagged_as=flagged_as,
+                     progress=None if progress is None else
+                     (lambda n: progress(len(done) + n)))
+        finally:
+            if started:
+                ray.shutdown()
+    seconds = time.perf_counter() - t_start
+    run = collector.run(local, thr, batch_size, seconds, flagged_as,
+                        session_predicted=collector.session_predicted)
+    return run, journal
+
+
+def _execute(ray, todo, journal: Path, collector: "_Collector", *, model_path, cfg,
+             actors: int, threads: int | None, batch_size: int, task_size: int, decode: str,
+             fault, thr: float, ood_thr, flagged_as: str, progress) -> None:
+    """Build the Ray Data pipeline over ``todo`` and stream its records to the journal."""
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.print_on_execution_start = False
+    threads = threads or max(1, (os.cpu_count() or 2) // max(1, actors))
+    # a block per task keeps every actor busy on small runs; large runs get
+    # bigger blocks (at most _MAX_BLOCKS of them) to keep scheduling cheap
+    chunk = max(batch_size, task_size)
+    blocks = max(1, min(math.ceil(len(todo) / chunk), _MAX_BLOCKS))
+    ds = ray.data.from_items([{"idx": i, "path": p, "truth": t} for i, p, t in todo],
+                             override_num_blocks=blocks)
+    actor_kwargs = {"model_path": str(Path(model_path).resolve()), "threads": threads,
+                    "fault": fault}
+    # Ray Data restarts a dead actor and retries its batch (its defaults)
+    pool = dict(compute=ray.data.ActorPoolStrategy(size=actors), batch_format="numpy",
+                num_cpus=0.5)
+    if decode == "tasks":
+        decoded = ds.map_batches(_decode_batch, fn_kwargs={"cfg": _cfg_dict(cfg)},
+                                 batch_size=chunk, batch_format="numpy", num_cpus=0.5)
+        scored = decoded.map_batches(_ModelActor, fn_constructor_kwargs=actor_kwargs,
+                                     batch_size=batch_size, **pool)
+    else:
+        actor_kwargs |= {"workers": threads, "batch_size": batch_size}
+        scored = ds.map_batches(_DecodingModelActor, fn_constructor_kwargs=actor_kwargs,
+                                batch_size=chunk, **pool)
+    seen: set[int] = set()
+    with open(journal, "a", encoding="utf-8", errors="surrogateescape") as fh:
+        for b in scored.iter_batches(batch_size=None, batch_format="numpy",
+                                     prefetch_batches=1):
+            for rec in _records(b, seen, thr, ood_thr, flagged_as, collector):
+                fh.write(json.dumps(record_to_json(rec), ensure_ascii=False) + "\n")
+            fh.flush()
+            if progress:
+                progress(len(seen))
+    if len(seen) != len(todo):  # never silently: Ray returned fewer rows than files
+        raise RuntimeError(f"the Ray engine returned {len(seen)} of {len(todo)} files")
+
+
+def _init_ray(ray, address: str | None) -> bool:
+    """Connect to ``address`` or start a local Ray; True when this call started it."""
+    # Ray Data's progress and planning notes are for Ray users; ours is the bar
+    for name in ("ray", "ray.data"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", module=r"ray(\.|$)")
+    warnings.filterwarnings("ignore", message=r".*ray_remote_args.*")
+    # the core worker logs one error-level line per restartable actor whose
+    # constructor arguments Ray Data keeps in the object store (all of ours):
+    # set RAY_BACKEND_LOG_LEVEL yourself to see Ray's backend logs
+    os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")
+    if ray.is_initialized():
+        return False
+    kwargs = dict(include_dashboard=False, log_to_driver=False,
+                  logging_level=logging.ERROR, configure_logging=True)
+    try:
+        if address:
+            _check_reachable(address)
+            ray.init(address=address, **kwargs)
+        else:
+            ray.init(num_cpus=os.cpu_count() or 2, **kwargs)
+    except (ConnectionError, RuntimeError, ValueError) as exc:
+        raise RayUnavailable(f"cannot start or reach Ray"
+                             f"{' at ' + address if address else ''}: "
+                             f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
+                             ) from None
+    return True
+
+
+def _check_reachable(address: str, timeout: float = 5.0) -> None:
+    """Fail fast on a host:port nobody listens on (ray.init would retry for minutes)."""
+    import socket
+
+    target = address.split("://", 1)[-1]
+    if target in ("auto", "local") or ":" not in target:
+        return
+    host, _, port = target.rpartition(":")
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout):
+            pass
+    except (OSError, ValueError) as exc:
+        raise ConnectionError(f"nothing answers at {target} ({exc.strerror or exc})") from None
+
+
+def _cfg_dict(cfg: PreprocessConfig) -> dict:
+    return {"height": cfg.height, "width": cfg.width, "channels": cfg.channels,
+            "value_range": tuple(cfg.value_range), "resize": cfg.resize}
+
+
+def _records(b: dict, seen: set[int], thr: float, ood_thr, flagged_as: str,
+             collector: "_Collector") -> list[Prediction | Failure]:
+    """One streamed batch -> records, each file index once."""
+    recs: list[Prediction | Failure] = []
+    items, probs, oods, times = [], [], [], []
+    for j, idx in enumerate(b["idx"]):
+        idx = int(idx)
+        if idx in seen:
+            continue  # a retried batch delivered twice: keep the first
+        seen.add(idx)
+        path, truth = str(b["path"][j]), str(b["truth"][j]) or None
+        if b["error"][j]:
+            recs.append(Failure(path, str(b["error"][j])))
+            continue
+        warns = tuple(json.loads(b["warnings"][j] or "[]"))
+        dicom = json.loads(b["dicom"][j]) if b["dicom"][j] else None
+        items.append((path, truth, warns, dicom))
+        probs.append(float(b["prob"][j]))
+        oods.append(float(b["ood"][j]))
+        times.append(float(b["ms"][j]))
+    if items:
+        has_ood = bool(b["has_ood"][0])
+        out = {"prob": np.array(probs), "ood": np.array(oods) if has_ood else None, "cam": None}
+        recs += batch_records(items, out, thr, ood_thr, flagged_as)
+        collector.times.extend(times)
+    for rec in recs:
+        collector.add(rec, session=True)
+    return recs
+
+
+class _Collector:
+    """Bounded memory: full records up to ``limit`` files, compact arrays always."""
+
+    def __init__(self, limit: int, n_files: int, thr: float):
+        self.keep = n_files <= limit
+        self.predictions: list[Prediction] = []
+        self.failures: list[Failure] = []
+        self.omitted_predictions = self.omitted_failures = self.omitted_flagged = 0
+        self.truth = array.array("b")
+        self.prob = array.array("d")
+        self.times = array.array("d")
+        self.session_predicted = 0
+        self.max_failures_listed = 1000
+
+    def add(self, rec: Prediction | Failure, session: bool = False) -> None:
+        if isinstance(rec, Failure):
+            if self.keep or len(self.failures) < self.max_failures_listed:
+                self.failures.append(rec)
+            else:
+                self.omitted_failures += 1
+                self.omitted_flagged += rec.error.startswith(FLAG_PREFIX)
+            return
+        if session:
+            self.session_predicted += 1
+        if rec.truth is not None:
+            self.truth.append(int(rec.truth == "PNEUMONIA"))
+            self.prob.append(rec.probability)
+        if self.keep:
+            self.predictions.append(rec)
+        else:
+            self.omitted_predictions += 1
+            self.omitted_flagged += rec.flagged
+
+    def run(self, model, thr: float, batch_size: int, seconds: float, flagged_as: str,
+            session_predicted: int) -> PredictionRun:
+        metrics = None
+        if len(self.truth):
+            metrics = binary_metrics(np.frombuffer(self.truth, np.int8).astype(bool),
+                                     np.frombuffer(self.prob, np.float64), thr)
+        self.predictions.sort(key=lambda p: p.path)  # the local engine's order
+        self.failures.sort(key=lambda f: f.path)
+        return PredictionRun(
+            model=model.summary() | {"threshold": thr}, predictions=self.predictions,
+            failures=self.failures, batch_size=batch_size, seconds=seconds,
+            model_ms_per_image=np.frombuffer(self.times, np.float64).tolist()
+            if len(self.times) < 2_000_000 else np.frombuffer(self.times, np.float64),
+            metrics=metrics, model_meta=model.meta, flagged_as=flagged_as,
+            omitted_predictions=self.omitted_predictions,
+            omitted_failures=self.omitted_failures, omitted_flagged=self.omitted_flagged,
+            session_predicted=session_predicted, engine="ray")
+
+
+def _rewrite_journal(journal: Path, records) -> None:
+    tmp = journal.with_suffix(".tmp")
+    with open(tmp, "w", encoding="utf-8", errors="surrogateescape") as fh:
+        for rec in records:
+            fh.write(json.dumps(record_to_json(rec), ensure_ascii=False) + "\n")
+    os.replace(tmp, journal)
+
+
+# ------------------------------------------------------------------ outputs
+
+def journal_csv_writer(journal: Path) -> Callable:
+    """A streaming writer of predictions.csv from the journal (sorted by path when
+    the records fit the report limit, else in completion order)."""
+    import csv
+
+    from .report import CSV_HEADER, csv_row
+
+    def write(text) -> None:
+        w = csv.writer(text, lineterminator="\n")
+        w.writerow(CSV_HEADER)
+        for rec in read_journal(journal):
+            w.writerow(csv_row(rec))
+    return write
+
+
+def write_parquet(journal: Path, target: Path) -> Path:
+    """predictions.parquet from the journal, in chunks (bounded memory)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from .dicom import FACT_KEYS
+
+    schema = pa.schema([("path", pa.string()), ("probability", pa.float64()),
+                        ("label", pa.string()), ("threshold", pa.float64()),
+                        ("truth", pa.string()), ("ood_score", pa.float64()),
+                        ("in_distribution", pa.bool_()), ("warnings", pa.string()),
+                        ("error", pa.string()),
+                        *((f"dicom_{k}", pa.int64() if k == "bits_stored" else pa.string())
+                          for k in FACT_KEYS)])
+    tmp = target.with_name(f".{target.name}.tmp")
+    rows: dict[str, list] = {name: [] for name in schema.names}
+
+    def flush(writer) -> None:
+        if rows["path"]:
+            writer.write_table(pa.table(rows, schema=schema))
+            for v in rows.values():
+                v.clear()
+
+    with pq.ParquetWriter(tmp, schema) as writer:
+        for rec in read_journal(journal):
+            d = record_to_json(rec)
+            facts = d.get("dicom") or {}
+            rows["path"].append(d["path"])
+            for key in ("probability", "label", "threshold", "truth", "ood_score",
+                        "in_distribution"):
+                rows[key].append(d.get(key))
+            rows["warnings"].append("; ".join(d.get("warnings") or []) or None)
+            rows["error"].append(d.get("error"))
+            for k in FACT_KEYS:
+                rows[f"dicom_{k}"].append(facts.get(k))
+            if len(rows["path"]) >= _PARQUET_CHUNK:
+                flush(writer)
+        flush(writer)
+    os.replace(tmp, target)
+    return target
