@@ -6,6 +6,7 @@ written); 2 usage error, unusable model or data folder; 130 interrupted.
 
 from __future__ import annotations
 
+import os
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Optional
@@ -36,7 +37,14 @@ class Device(str, Enum):
     cuda = "cuda"
 
 
+#: Longer messages (a library quoting a whole tensor) are cut: one readable line.
+MAX_ERROR_CHARS = 600
+
+
 def _fail(message: str, code: int = EXIT_USAGE) -> "typer.Exit":
+    message = str(message)
+    if len(message) > MAX_ERROR_CHARS:
+        message = message[:MAX_ERROR_CHARS] + f"... [{len(message) - MAX_ERROR_CHARS} more characters]"
     err.print(Text("error: ", style="bold red") + plain(message), highlight=False,
               soft_wrap=True)
     return typer.Exit(code)
@@ -85,8 +93,10 @@ def train(
     calibrate: Annotated[bool, typer.Option(help="Fit a temperature and bias on validation and fold them into the model.")] = True,
     class_balance: Annotated[bool, typer.Option(help="Class weights from training frequencies.")] = True,
     max_images: Annotated[Optional[int], typer.Option(min=4, help="Random subset, for quick trials.")] = None,
-    strategy: Annotated[Optional[str], typer.Option(help="auto, mirrored or default [default: auto].")] = None,
+    strategy: Annotated[Optional[str], typer.Option(help="auto, mirrored, default or multiworker [default: auto: multiworker when TF_CONFIG names several workers].")] = None,
     resume: Annotated[bool, typer.Option(help="Continue the interrupted run in --out.")] = False,
+    cluster: Annotated[Optional[str], typer.Option(help="Multi-worker training: host:port of every worker, comma-separated, the chief first (sets TF_CONFIG); start the same command on each machine with its --task-index.")] = None,
+    task_index: Annotated[Optional[int], typer.Option(min=0, help="With --cluster: this machine's position in the list (0 = chief, writes the run folder).")] = None,
 ):
     """Train a ResNet-18 on labelled chest X-rays (needs the [bold]train[/] extra).
 
@@ -103,6 +113,18 @@ def train(
         raise _fail(f"training needs the train extra (pip install 'pneumo-edge[train]'): {exc}")
 
     given = lambda **kw: {k: v for k, v in kw.items() if v is not None}
+    if (cluster is None) != (task_index is None):
+        raise _fail("--cluster and --task-index go together")
+    if cluster is not None:
+        from training.train import cluster_tf_config
+        workers = [w.strip() for w in cluster.split(",") if w.strip()]
+        if len(workers) < 2 or not all(w.rpartition(":")[2].isdigit() for w in workers):
+            raise _fail(f"--cluster must list at least two host:port entries, got {cluster!r}")
+        try:
+            os.environ["TF_CONFIG"] = cluster_tf_config(workers, task_index)
+        except ValueError as exc:
+            raise _fail(str(exc))
+        strategy = strategy or "multiworker"
     try:
         aug = AugmentConfig(**given(crop_area=crop_area, zoom_out=zoom_out))
         if not augment:

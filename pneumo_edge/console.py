@@ -43,6 +43,11 @@ def _fmt(v, spec: str = ".4f") -> str:
 
 def render_train_result(result) -> None:
     m = result.val_metrics
+    if not m:  # a worker that is not the chief of a multi-worker run
+        console.print(plain(f"training finished: {result.threshold_rule} "
+                            f"({result.epochs_run} epochs, {result.seconds / 60:.1f} min)"),
+                      highlight=False)
+        return
     table = Table(title="training finished", show_header=False)
     for key, value in [
         ("devices", ", ".join(result.devices)),

@@ -275,3 +275,67 @@ def test_config_defaults_live_in_one_place():
     assert cfg.epochs == 30 and cfg.arch == "resnet18" and cfg.augment == AugmentConfig()
     with pytest.raises(ValueError, match="--val-fraction"):
         TrainConfig(data="x", val_fraction=1.5)
+
+
+def _free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_workers_on_loopback_make_one_run_folder(data_dir, tmp_path):
+    """MultiWorkerMirroredStrategy: two `pneumo-edge train --cluster` processes, one epoch;
+    the chief writes the run folder, the other worker leaves nothing behind, and the
+    model loads and exports."""
+    from training.export import export_run
+
+    cluster = ",".join(f"127.0.0.1:{_free_port()}" for _ in range(2))
+    out = tmp_path / "run"
+    code = "import sys; from pneumo_edge.cli import main; sys.argv[0] = 'pneumo-edge'; main()"
+    procs = [subprocess.Popen(
+        [sys.executable, "-c", code, "train", "--data", str(data_dir), "--out", str(out),
+         "--arch", "resnet_tiny", "--img-size", "32", "--epochs", "1", "--batch-size", "8",
+         "--val-fraction", "0.25", "--cluster", cluster, "--task-index", str(i)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
+    outputs = [p.communicate(timeout=600)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], "\n".join(o[-1500:] for o in outputs)
+    assert "worker 1 of 2: the chief writes" in outputs[1]
+    for name in ("best.keras", "val_metrics.json", "history.csv", "split.csv", "config.json"):
+        assert (out / name).is_file(), name
+    assert not (out / "worker-1").exists() and not (out / "backup").exists()
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["strategy"] == "multiworker"
+    with open(out / "history.csv") as fh:
+        assert len(list(csv.DictReader(fh))) == 1
+    result = export_run(out, tmp_path / "onnx")
+    assert [r.precision for r in result.files] == ["fp32"]
+    from pneumo_edge.runtime import load_model
+    assert load_model(result.files[0].path).threshold == pytest.approx(
+        json.loads((out / "val_metrics.json").read_text())["threshold"])
+
+
+def test_worker_role_and_cluster_options(monkeypatch, data_dir, tmp_path):
+    from typer.testing import CliRunner
+
+    from pneumo_edge.cli import EXIT_USAGE, app
+    from training.train import cluster_tf_config, worker_role
+
+    monkeypatch.setenv("TF_CONFIG", cluster_tf_config(["a:1", "b:2", "c:3"], 2))
+    assert (worker_role().n_workers, worker_role().index, worker_role().chief) == (3, 2, False)
+    monkeypatch.setenv("TF_CONFIG", json.dumps({"cluster": {"chief": ["a:1"], "worker": ["b:2"]},
+                                                "task": {"type": "worker", "index": 0}}))
+    assert (worker_role().n_workers, worker_role().index, worker_role().chief) == (2, 1, False)
+    monkeypatch.setenv("TF_CONFIG", "{not json")
+    with pytest.raises(ValueError, match="TF_CONFIG"):
+        worker_role()
+    monkeypatch.delenv("TF_CONFIG")
+    assert worker_role().chief and worker_role().n_workers == 1
+    runner = CliRunner()
+    base = ["train", "--data", str(data_dir), "--out", str(tmp_path / "r")]
+    for extra, message in ((["--cluster", "a:1,b:2"], "go together"),
+                           (["--cluster", "a:1", "--task-index", "0"], "at least two"),
+                           (["--cluster", "a:1,b:2", "--task-index", "5"], "must be in 0..1")):
+        result = runner.invoke(app, base + extra)
+        assert result.exit_code == EXIT_USAGE and message in result.output, result.output
+    assert not (tmp_path / "r").exists()

@@ -28,7 +28,7 @@ from .data import (CLASS_NAMES, class_weights, discover, load_arrays, make_datas
 
 
 SCHEDULES = ("cosine", "plateau")
-STRATEGIES = ("auto", "mirrored", "default")
+STRATEGIES = ("auto", "mirrored", "default", "multiworker")
 
 
 @dataclass
@@ -53,7 +53,7 @@ class TrainConfig:
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     class_balance: bool = True
     max_images: int | None = None  # subsample (stratified) for quick experiments
-    strategy: str = "auto"       # "auto", "mirrored", "default"
+    strategy: str = "auto"       # "auto", "mirrored", "default", "multiworker"
     mixed_precision: str = "auto"  # "auto" (on GPU), "on", "off"
     # exponential moving average of the weights (0: off); the averaged weights are
     # the ones evaluated, checkpointed and exported
@@ -138,15 +138,89 @@ class TrainInterrupted(RuntimeError):
     """Training stopped by Ctrl-C; the run folder can be resumed."""
 
 
+@dataclass(frozen=True)
+class WorkerRole:
+    """This process's place in a TF_CONFIG cluster (one worker when there is none)."""
+    n_workers: int = 1
+    index: int = 0
+    chief: bool = True
+
+
+def worker_role() -> WorkerRole:
+    """Read ``TF_CONFIG``: the chief is task ``chief`` 0, else ``worker`` 0.
+
+    Raises:
+        ValueError: TF_CONFIG is not JSON or lacks ``cluster``/``task``.
+    """
+    raw = os.environ.get("TF_CONFIG", "").strip()
+    if not raw:
+        return WorkerRole()
+    try:
+        conf = json.loads(raw)
+        cluster, task = conf["cluster"], conf["task"]
+        kind, index = str(task["type"]), int(task["index"])
+        n = sum(len(cluster.get(k, [])) for k in ("chief", "worker"))
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ValueError(f"TF_CONFIG is not a cluster description ({exc})") from None
+    has_chief = bool(cluster.get("chief"))
+    chief = kind == "chief" or (not has_chief and kind == "worker" and index == 0)
+    return WorkerRole(n, index + (1 if has_chief and kind == "worker" else 0), chief)
+
+
+def cluster_tf_config(workers: list[str], index: int) -> str:
+    """TF_CONFIG for ``workers`` (host:port each, the first is the chief) as task ``index``."""
+    if not 0 <= index < len(workers):
+        raise ValueError(f"--task-index must be in 0..{len(workers) - 1}, got {index}")
+    return json.dumps({"cluster": {"worker": workers}, "task": {"type": "worker",
+                                                                "index": index}})
+
+
+def _patch_keras_for_multiworker() -> None:
+    """Keras 3 averages the train/test step logs of a multi-worker run with
+    ``strategy.reduce("MEAN", v, axis=0)``, which fails on scalars ("Invalid
+    reduction dimension 0 for input with 0 dimensions"); reduce scalars with
+    ``axis=None``. Applied only under MultiWorkerMirroredStrategy; the two-worker
+    test fails if a Keras upgrade changes this code path."""
+    from keras.src import tree
+    from keras.src.backend.tensorflow import trainer as tf_trainer
+
+    if getattr(tf_trainer.reduce_per_replica, "_pneumo_edge", False):
+        return
+    original = tf_trainer.reduce_per_replica
+
+    def reduce_per_replica(values, strategy, reduction):
+        if reduction in ("auto", "mean") and \
+                tf_trainer._collective_all_reduce_multi_worker(strategy):
+            def mean(v):
+                local = strategy.experimental_local_results(v)[0] \
+                    if tf_trainer._is_per_replica_instance(v) else v
+                rank = getattr(getattr(local, "shape", None), "rank", None)
+                return strategy.reduce("MEAN", v, axis=None if not rank else 0)
+            return tree.map_structure(mean, values)
+        return original(values, strategy, reduction)
+
+    reduce_per_replica._pneumo_edge = True
+    tf_trainer.reduce_per_replica = reduce_per_replica
+
+
 def select_strategy(kind: str = "auto"):
     """A distribution strategy and the device names it trains on.
 
-    ``auto``: MirroredStrategy over all visible GPUs when there are several, the
-    default strategy on one GPU or on the CPU. ``mirrored``: MirroredStrategy over
-    the GPUs, or over the logical CPUs when there is no GPU (used by the tests).
+    ``auto``: MultiWorkerMirroredStrategy when TF_CONFIG describes several
+    workers; else MirroredStrategy over all visible GPUs when there are several,
+    the default strategy on one GPU or on the CPU. ``mirrored``: MirroredStrategy
+    over the GPUs, or over the logical CPUs when there is no GPU (used by the
+    tests). ``multiworker``: MultiWorkerMirroredStrategy (each worker on its
+    local GPUs, or its CPU), which must be created before any other TensorFlow
+    work: call this first.
     """
     import tensorflow as tf
 
+    if kind == "multiworker" or (kind == "auto" and worker_role().n_workers > 1):
+        strategy = tf.distribute.MultiWorkerMirroredStrategy()
+        _patch_keras_for_multiworker()
+        gpus = [d.name for d in tf.config.list_logical_devices("GPU")]
+        return strategy, gpus or [d.name for d in tf.config.list_logical_devices("CPU")][:1]
     gpus = [d.name for d in tf.config.list_logical_devices("GPU")]
     if kind == "mirrored" or (kind == "auto" and len(gpus) > 1):
         devices = gpus or [d.name for d in tf.config.list_logical_devices("CPU")]
@@ -225,7 +299,7 @@ def _best_val_auc(history_csv: Path) -> float | None:
 
 
 def _make_select_callback(keras, run_dir: Path, select_sets: dict, decay: float,
-                          best_so_far: float | None, batch_size: int):
+                          best_so_far: float | None, batch_size: int, local_copy=None):
     """EMA of the weights, and checkpoint selection on the worst AUC over shifted validation.
 
     After every epoch the averaged weights (or the raw ones with ``decay`` 0)
@@ -233,6 +307,11 @@ def _make_select_callback(keras, run_dir: Path, select_sets: dict, decay: float,
     their AUCs go into the logs as ``val_<name>_auc``, the smallest as
     ``val_robust_auc``, and ``best.keras`` is written with those weights when it
     improves. On resume the average restarts from the restored weights.
+
+    ``local_copy``: a model of the same architecture outside any strategy. Under
+    MultiWorkerMirroredStrategy the distributed ``predict`` would see only this
+    worker's shard; each worker then predicts the whole set with the copy, so
+    all of them take the same checkpoint and early-stopping decisions.
     """
     import tensorflow as tf
 
@@ -265,8 +344,12 @@ def _make_select_callback(keras, run_dir: Path, select_sets: dict, decay: float,
                 v.assign(tf.cast(e, v.dtype))
             try:
                 aucs = {}
+                judge = self.model
+                if local_copy is not None:
+                    local_copy.set_weights([v.numpy() for v in self.vars])
+                    judge = local_copy
                 for name, (x, y) in select_sets.items():
-                    p = self.model.predict(x, batch_size=batch_size, verbose=0).reshape(-1)
+                    p = judge.predict(x, batch_size=batch_size, verbose=0).reshape(-1)
                     aucs[name] = roc_auc(y, p) or 0.0
                     if logs is not None:
                         logs[f"val_{name}_auc"] = aucs[name]
@@ -287,6 +370,7 @@ def _fit(cfg: TrainConfig, run_dir: Path, strategy, train_s, val_ds, select_sets
          history_csv: Path, resume: bool, on_epoch) -> float:
     """Build, compile and fit the model with its callbacks; returns the seconds spent."""
     import keras
+    import tensorflow as tf
 
     pre = cfg.preprocess
     x_train, y_train = load_arrays(train_s, pre)
@@ -307,6 +391,19 @@ def _fit(cfg: TrainConfig, run_dir: Path, strategy, train_s, val_ds, select_sets
                      keras.metrics.Precision(name="precision"),
                      keras.metrics.Recall(name="recall")])
 
+    local_copy = None
+    if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+        # Keras 3 builds the model in fit() by all-reducing the first distributed
+        # batch, which MultiWorkerMirroredStrategy cannot do eagerly
+        # (keras-team/keras#20585); build it from a local batch instead (shapes only)
+        local_batch = next(iter(train_ds))
+
+        def _build(iterator=None, data_batch=None):
+            with strategy.scope():
+                model._symbolic_build(data_batch=local_batch)
+        model._maybe_symbolic_build = _build
+        local_copy = create_model(cfg.arch, input_shape=(cfg.img_size, cfg.img_size,
+                                                         cfg.channels), dropout=cfg.dropout)
     best_so_far = _best_val_auc(history_csv) if resume else None
     if not resume and history_csv.exists():
         history_csv.unlink()
@@ -332,7 +429,7 @@ def _fit(cfg: TrainConfig, run_dir: Path, strategy, train_s, val_ds, select_sets
         keras.callbacks.BackupAndRestore(str(run_dir / "backup")),
         _LogEpoch(),
         _make_select_callback(keras, run_dir, select_sets, cfg.ema_decay, best_so_far,
-                              cfg.batch_size),
+                              cfg.batch_size, local_copy),
         keras.callbacks.EarlyStopping(monitor=SELECT_KEY, mode="max", patience=cfg.patience,
                                       restore_best_weights=False),
         keras.callbacks.CSVLogger(str(history_csv), append=resume),
@@ -402,8 +499,9 @@ def train(cfg: TrainConfig, *, resume: bool = False,
     import keras
 
     run_dir = Path(cfg.out)
+    role = worker_role()
     if resume:
-        saved = run_dir / "config.json"
+        saved = (run_dir if role.chief else run_dir / f"worker-{role.index}") / "config.json"
         if not saved.exists():
             raise FileNotFoundError(f"{run_dir}: no config.json to resume from")
         epochs, target_sensitivity = cfg.epochs, cfg.target_sensitivity
@@ -412,10 +510,13 @@ def train(cfg: TrainConfig, *, resume: bool = False,
             cfg.epochs = epochs
         if target_sensitivity is not None:
             cfg.target_sensitivity = target_sensitivity
-    run_dir.mkdir(parents=True, exist_ok=True)
-    keras.utils.set_random_seed(cfg.seed)
-
+    # MultiWorkerMirroredStrategy must exist before any other TensorFlow work
     strategy, devices = select_strategy(cfg.strategy)
+    keras.utils.set_random_seed(cfg.seed)
+    # the chief writes the run folder; another worker keeps its checkpoints,
+    # history and backup (to resume) in <out>/worker-<i>, removed when it ends
+    chief_dir, run_dir = run_dir, run_dir if role.chief else run_dir / f"worker-{role.index}"
+    run_dir.mkdir(parents=True, exist_ok=True)
     on_gpu = any("GPU" in d for d in devices)
     mixed = cfg.mixed_precision == "on" or (cfg.mixed_precision == "auto" and on_gpu)
     keras.mixed_precision.set_global_policy("mixed_float16" if mixed else "float32")
@@ -457,6 +558,14 @@ def train(cfg: TrainConfig, *, resume: bool = False,
                 and not (run_dir / "backup").exists())
     seconds = 0.0 if finished else _fit(cfg, run_dir, strategy, train_s, val_ds, select_sets,
                                         history_csv, resume, on_epoch)
+    if not role.chief:  # the chief evaluates, calibrates and writes the results
+        import shutil
+        epochs_run = len(_read_history(history_csv))
+        shutil.rmtree(run_dir, ignore_errors=True)
+        return TrainResult(chief_dir, 0, epochs_run, {}, float("nan"),
+                           f"worker {role.index} of {role.n_workers}: the chief writes "
+                           f"{chief_dir}", devices, round(seconds, 1), len(train_s),
+                           len(val_s), no_patient)
 
     previous = (json.loads((run_dir / "val_metrics.json").read_text())
                 if resume and (run_dir / "val_metrics.json").exists() else {})
