@@ -58,14 +58,14 @@ def main() -> None:
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False,
              logging_level="ERROR")
     results["ray_init_seconds"] = round(time.perf_counter() - t0, 2)
-    for name, folder in (("224px", args.data),):
-        if not Path(folder).is_dir():
-            continue
-        chosen = pick(Path(folder), args.n)
+    all_items = [(p, t) for p, t in collect_labelled([Path(args.data)]) if t]
+    sizes = {f"{args.n}": pick(Path(args.data), args.n), f"all ({len(all_items)})": all_items}
+    for name, chosen in sizes.items():
         files, truths = [p for p, _ in chosen], [t for _, t in chosen]
         model = load_model(args.model)
         predict_paths(model, files[:32], truths=truths[:32], batch_size=args.batch_size)  # warm
-        rows = {}
+        rows = {"n": len(files),
+                "mean_file_kb": round(sum(p.stat().st_size for p in files) / len(files) / 1024, 1)}
         local = predict_paths(model, files, truths=truths, batch_size=args.batch_size)
         rows["local"] = {"images_per_second": round(local.images_per_second, 2),
                          "seconds": round(local.seconds, 2)}
@@ -77,15 +77,16 @@ def main() -> None:
             diff = max(abs(p.probability - ref[p.path]) for p in run.predictions)
             rows[f"ray_{decode}_{actors}"] = {
                 "images_per_second": round(run.images_per_second, 2),
-                "seconds": round(run.seconds, 2),
+                "seconds": round(run.seconds, 3),
                 "ratio_to_local": round(run.images_per_second / local.images_per_second, 3),
                 "max_abs_dp_vs_local": diff, "n_predicted": run.n_predicted,
                 "n_failed": run.n_failed}
         lat = local.latency_ms
-        rows["model_ms_per_image_p50"] = round(lat["p50"], 3)
+        rows["model_ms_per_image_mean"] = round(lat["mean"], 3)
         rows["model_only_images_per_second"] = round(1000.0 / lat["mean"], 1)
         results["sets"][name] = rows
         print(name, json.dumps(rows, indent=1), flush=True)
+    results["cost_model"] = cost_model(results)
     ray.shutdown()
     out = Path(args.out)
     (out / "ray_results.json").write_text(json.dumps(results, indent=2) + "\n")
@@ -93,9 +94,34 @@ def main() -> None:
     print(render(results))
 
 
+def cost_model(r: dict) -> dict:
+    """Fixed start-up and steady rate of the default Ray engine (2 actors, decoding in
+    the actors) from the two run sizes, and the projection for a 1,000,000-image archive."""
+    (n1, a), (n2, b) = sorted((rows["n"], rows["ray_actors_2"]) for rows in r["sets"].values())
+    rate = (n2 - n1) / max(b["seconds"] - a["seconds"], 1e-9)  # images/s once running
+    fixed = max(a["seconds"] - n1 / rate, 0.0)
+    big = max(r["sets"].values(), key=lambda rows: rows["n"])
+    cores = r["machine"].get("logical_cores") or 2
+    per_core = rate / cores
+    model_share = big["local"]["images_per_second"] / big["model_only_images_per_second"]
+    out = {"steady_images_per_second_per_node": round(rate, 1),
+           "fixed_seconds": round(fixed, 2), "cores_here": cores,
+           "steady_images_per_second_per_core": round(per_core, 1),
+           "local_end_to_end_over_model_only": round(model_share, 3),
+           "mean_file_kb": big["mean_file_kb"], "archive": {}}
+    for nodes, node_cores in ((1, 2), (1, 16), (4, 16), (16, 16)):
+        node_rate = per_core * node_cores
+        seconds = fixed + 1_000_000 / (node_rate * nodes)
+        out["archive"][f"{nodes} x {node_cores} cores"] = {
+            "images_per_second": round(node_rate * nodes), "hours": round(seconds / 3600, 2),
+            "read_mb_per_second": round(node_rate * nodes * big["mean_file_kb"] / 1024, 1)}
+    return out
+
+
 def render(r: dict) -> str:
     m = r["machine"]
-    lines = [f"# Ray engine vs local engine ({r['n']} real X-rays per set, batch {r['batch_size']})", "",
+    lines = [f"# Ray engine vs local engine (real training X-rays, 224 px JPEG: "
+             f"{' and '.join(r['sets'])} files; batch {r['batch_size']})", "",
              f"Machine: {m.get('cpu', '?')}, {m.get('logical_cores', '?')} logical CPUs; "
              f"Python {r['python']}, Ray {r['ray']}; model {r['model']}. "
              f"Ray start-up (ray.init, local, not counted below): {r['ray_init_seconds']} s.", "",
@@ -110,8 +136,24 @@ def render(r: dict) -> str:
                          f"{row['images_per_second']} | {row['ratio_to_local']} | "
                          f"{row['max_abs_dp_vs_local']:.1e} |")
         lines.append(f"| {name} | (model alone, local) | {rows['model_only_images_per_second']} | | |")
-    lines.append("")
-    lines.append("Regenerate: `python benchmarks/ray_engine.py` (needs the scale extra and ../shared data).")
+    c = r["cost_model"]
+    lines += ["", "## Cost model (the default: 2 actors, decoding in the actors)", "",
+              f"From the two run sizes: a fixed {c['fixed_seconds']} s per run (actor start-up: "
+              f"worker processes, imports, one model load each) and a steady "
+              f"{c['steady_images_per_second_per_node']} images/s on this node "
+              f"({c['cores_here']} cores, {c['steady_images_per_second_per_core']} images/s per "
+              "core). Measured here: only this node. Projected (linear in cores, no shared "
+              "storage limit): ", "",
+              "| cluster | images/s | 1,000,000 X-rays | storage read |",
+              "| --- | --- | --- | --- |"]
+    for name, row in c["archive"].items():
+        lines.append(f"| {name} | {row['images_per_second']:,} | {row['hours']} h | "
+                     f"{row['read_mb_per_second']} MB/s at {c['mean_file_kb']} KB per file |")
+    lines += ["", f"Bottleneck on these 224 px files: the model (local end-to-end is "
+              f"{c['local_end_to_end_over_model_only']} of the model-alone rate). For "
+              "full-resolution X-rays see the README: decoding, then storage.", "",
+              "Regenerate: `python benchmarks/ray_engine.py` (needs the scale extra and "
+              "../shared data)."]
     return "\n".join(lines) + "\n"
 
 
