@@ -31,8 +31,8 @@ import warnings
 
 import numpy as np
 
-__all__ = ["FACT_KEYS", "IDENTIFYING", "LATERAL_VIEWS", "DicomError", "is_dicom",
-           "decode_dicom", "supported_transfer_syntaxes"]
+__all__ = ["FACT_KEYS", "IDENTIFYING", "LATERAL_VIEWS", "DicomError", "decode_dicom",
+           "supported_transfer_syntaxes"]
 
 #: What a prediction reports about a DICOM file; nothing else is read out of it.
 FACT_KEYS = ("modality", "view_position", "photometric_interpretation", "bits_stored",
@@ -65,22 +65,14 @@ class DicomError(ValueError):
     """A DICOM file that cannot be shown as an image; one line, no identifying values."""
 
 
-def is_dicom(head: bytes) -> bool:
-    """True for a DICOM Part 10 file: ``DICM`` after the 128-byte preamble."""
-    return len(head) >= 132 and head[128:132] == b"DICM"
-
-
 def supported_transfer_syntaxes() -> list[tuple[str, str]]:
     """(UID, name) of every transfer syntax whose pixel data this install can decode."""
+    from pydicom.pixels import get_decoder
     from pydicom.pixels.decoders.base import _PIXEL_DATA_DECODERS
     from pydicom.uid import UID
 
-    out = []
-    for uid in sorted(_PIXEL_DATA_DECODERS):
-        from pydicom.pixels import get_decoder
-        if get_decoder(uid).is_available:
-            out.append((str(uid), UID(uid).name))
-    return out
+    return [(str(uid), UID(uid).name) for uid in sorted(_PIXEL_DATA_DECODERS)
+            if get_decoder(uid).is_available]
 
 
 def decode_dicom(data: bytes, info: dict | None = None,
@@ -102,7 +94,7 @@ def decode_dicom(data: bytes, info: dict | None = None,
     ds = None
     try:
         ds = pydicom.dcmread(io.BytesIO(data))
-        return _render(ds, info, max_pixels, max_bytes, _PIXEL_DATA_TAG in data)
+        return _render(ds, info, max_pixels, max_bytes, data)
     except DicomError as exc:
         raise DicomError(_scrub(str(exc), ds)) from None
     except InvalidDicomError as exc:
@@ -118,7 +110,7 @@ def decode_dicom(data: bytes, info: dict | None = None,
 
 
 def _render(ds, info: dict | None, max_pixels: int | None, max_bytes: int | None,
-            pixel_tag_seen: bool) -> np.ndarray:
+            data: bytes) -> np.ndarray:
     from pydicom.pixels import get_decoder
 
     meta = getattr(ds, "file_meta", None)
@@ -126,7 +118,7 @@ def _render(ds, info: dict | None, max_pixels: int | None, max_bytes: int | None
     if ts is None and "SOPClassUID" not in ds and "PixelData" not in ds:
         raise DicomError("no valid DICOM dataset after the DICM preamble")
     facts = _facts(ds, ts)
-    if "PixelData" not in ds and pixel_tag_seen:
+    if "PixelData" not in ds and _PIXEL_DATA_TAG in data:  # the parser stopped inside it
         raise DicomError("truncated or corrupt DICOM pixel data (the file ends inside "
                          "the Pixel Data element)")
     if "PixelData" not in ds:
@@ -200,7 +192,7 @@ def _monochrome(arr: np.ndarray, ds, photometric: str) -> np.ndarray:
         x = arr.astype(np.float32)
         if slope != 1.0 or intercept != 0.0:
             x = x * np.float32(slope) + np.float32(intercept)
-    y = _voi(x, arr, ds, pad)
+    y = _voi(x, ds, pad)
     invert = photometric == "MONOCHROME1"
     if str(ds.get("PresentationLUTShape", "")).strip().upper() == "INVERSE":
         invert = not invert
@@ -211,7 +203,7 @@ def _monochrome(arr: np.ndarray, ds, photometric: str) -> np.ndarray:
     return np.clip(y * 255.0 + 0.5, 0, 255).astype(np.uint8)
 
 
-def _voi(x: np.ndarray, stored: np.ndarray, ds, pad: np.ndarray | None) -> np.ndarray:
+def _voi(x: np.ndarray, ds, pad: np.ndarray | None) -> np.ndarray:
     """VOI transform to 0..1 (float32): LUT sequence, else window, else value range."""
     if "VOILUTSequence" in ds and len(ds.VOILUTSequence):
         item = ds.VOILUTSequence[0]

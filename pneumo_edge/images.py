@@ -25,6 +25,8 @@ __all__ = [
     "collect_images",
     "collect_labelled",
     "decode_gray",
+    "is_dicom",
+    "is_dicom_file",
     "is_image_file",
     "label_from_path",
     "sniff_format",
@@ -129,14 +131,23 @@ def is_image_file(path: Path) -> bool:
         return path.is_file()
     if path.name.upper() in _SKIPPED_NAMES or path.name.startswith("."):
         return False
+    return is_dicom_file(path)
+
+
+def is_dicom(head: bytes) -> bool:
+    """True for the head of a DICOM Part 10 file: ``DICM`` after the 128-byte preamble."""
+    return len(head) >= 132 and head[128:132] == b"DICM"
+
+
+def is_dicom_file(path: str | os.PathLike) -> bool:
+    """A regular file whose first 132 bytes carry the DICOM ``DICM`` marker."""
     try:
-        if not path.is_file():
+        if not os.path.isfile(path):
             return False
         with open(path, "rb") as fh:
-            head = fh.read(132)
+            return is_dicom(fh.read(132))
     except OSError:
         return False
-    return len(head) == 132 and head[128:132] == b"DICM"
 
 
 def label_from_path(path: str | os.PathLike) -> str | None:
@@ -154,7 +165,7 @@ def sniff_format(head: bytes) -> str | None:
     DICOM comes first: its 128-byte preamble may itself be a TIFF header (a
     dual-personality file), and the DICOM dataset is the one to read.
     """
-    if len(head) >= 132 and head[128:132] == b"DICM":
+    if is_dicom(head):
         return "dicom"
     if head.startswith(b"\xff\xd8\xff"):
         return "jpeg"

@@ -62,11 +62,7 @@ def dicom_patient_key(path: str | Path) -> str | None:
 
     if Path(path).suffix.lower() in IMAGE_EXTENSIONS:
         return None
-    try:
-        with open(path, "rb") as fh:
-            head = fh.read(132)
-        if len(head) < 132 or head[128:132] != b"DICM":
-            return None
+    try:  # refuses a file without the DICM preamble (InvalidDicomError)
         import pydicom
 
         ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["PatientID"])
