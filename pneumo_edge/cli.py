@@ -282,11 +282,8 @@ def predict(
     Exit codes: 0 all files predicted, 1 some files failed (listed; reports still
     written), 2 usage error or unusable model.
     """
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
-
     from .images import collect_labelled
     from .predict import predict_paths
-    from .report import DISCLAIMER, write_predictions_csv, write_report
     from .runtime import ModelError, load_model
 
     try:
@@ -328,49 +325,65 @@ def predict(
                   flagged_as=flagged_as.value,
                   heatmap_dir=heatmaps if loaded.has_cam else None)
     try:
-        if quiet or len(files) < 2:
-            run = predict_paths(loaded, files, **kwargs)
-        else:
-            with Progress("[progress.description]{task.description}", BarColumn(),
-                          MofNCompleteColumn(), TimeRemainingColumn(), console=err,
-                          transient=True) as bar:
-                task = bar.add_task("predicting", total=len(files))
-                run = predict_paths(loaded, files, progress=lambda n: bar.update(task, completed=n),
-                                    **kwargs)
+        run = _with_progress(lambda progress: predict_paths(loaded, files, progress=progress,
+                                                            **kwargs),
+                             len(files), "predicting", quiet)
     except ModelError as exc:
         raise _fail(str(exc))
     except KeyboardInterrupt:
         raise _fail("interrupted; nothing written for this run", EXIT_INTERRUPTED)
 
-    written = {}
-    if out is not None:
-        try:
-            written = write_report(run, out) if report else {"csv": write_predictions_csv(run, out)}
-        except OSError as exc:
-            raise _fail(f"--out {out}: could not write the report ({exc.strerror or exc}); "
-                        "earlier report files were left as they were")
+    written = {} if out is None else _write_outputs(run, out, report)
+    notes = []
+    if run.heatmaps:
+        notes.append(Text(f"wrote {len(run.heatmaps)} heatmaps to ") + plain(heatmaps))
+    _render_run(run, written, len(run.predictions) if out is None else show, quiet, notes)
+
+
+def _with_progress(call, total: int, description: str, quiet: bool):
+    """``call(progress)`` under a transient progress bar on stderr (none when quiet)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
+
+    if quiet or total < 2:
+        return call(None)
+    with Progress("[progress.description]{task.description}", BarColumn(),
+                  MofNCompleteColumn(), TimeRemainingColumn(), console=err,
+                  transient=True) as bar:
+        task = bar.add_task(description, total=total)
+        return call(lambda n: bar.update(task, completed=n))
+
+
+def _write_outputs(run, out: Path, report: bool, csv_data=None, kept_in: str = "") -> dict:
+    """predictions.csv, and with --report report.json and report.html, as one set."""
+    from .report import write_report
+
+    try:
+        return write_report(run, out, html=report, json_report=report, csv_data=csv_data)
+    except OSError as exc:
+        raise _fail(f"--out {out}: could not write the report ({exc.strerror or exc}); "
+                    f"earlier report files were left as they were{kept_in}")
+
+
+def _render_run(run, written: dict, limit: int, quiet: bool, notes=()) -> None:
+    """The terminal side of predict, either engine; exit 1 when some files failed."""
+    from .report import DISCLAIMER
 
     if not quiet:
-        render_predictions(run, len(run.predictions) if out is None else show,
-                           written.get("csv"))
+        render_predictions(run, limit, written.get("csv"))
     render_failures(run)
     render_summary(run)
     for path in written.values():
         console.print(Text("wrote ") + plain(path), highlight=False)
-    if run.heatmaps:
-        console.print(Text(f"wrote {len(run.heatmaps)} heatmaps to ") + plain(heatmaps),
-                      highlight=False)
+    for note in notes:
+        console.print(note, highlight=False)
     console.print(Text(DISCLAIMER, style="dim"))
-    if run.failures:
+    if run.n_failed:
         raise typer.Exit(EXIT_SOME_FAILED)
 
 
 def _predict_ray(model_path: Path, files, truths, out: Path, *, report: bool, show: int,
                  quiet: bool, parquet: bool, **kwargs) -> None:
     """predict --engine ray: the same outputs as the local engine, via pneumo_edge.scale."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
-
-    from .report import DISCLAIMER, write_report
     from .runtime import ModelError
     from .scale import JOURNAL, RayUnavailable, journal_csv_writer, predict_ray, write_parquet
 
@@ -378,16 +391,10 @@ def _predict_ray(model_path: Path, files, truths, out: Path, *, report: bool, sh
               style="dim", highlight=False)
     journal = out / JOURNAL
     try:
-        if quiet:
-            run, journal = predict_ray(model_path, files, truths, out, **kwargs)
-        else:
-            with Progress("[progress.description]{task.description}", BarColumn(),
-                          MofNCompleteColumn(), TimeRemainingColumn(), console=err,
-                          transient=True) as bar:
-                task = bar.add_task("predicting (ray)", total=len(files))
-                run, journal = predict_ray(model_path, files, truths, out,
-                                           progress=lambda n: bar.update(task, completed=n),
-                                           **kwargs)
+        run, journal = _with_progress(
+            lambda progress: predict_ray(model_path, files, truths, out, progress=progress,
+                                         **kwargs),
+            len(files), "predicting (ray)", quiet)
     except (RayUnavailable, ModelError) as exc:
         raise _fail(str(exc))
     except KeyboardInterrupt:
@@ -395,32 +402,23 @@ def _predict_ray(model_path: Path, files, truths, out: Path, *, report: bool, sh
                     EXIT_INTERRUPTED)
 
     omitted = run.omitted_predictions + run.omitted_failures
-    try:
-        if parquet or omitted:
+    kept_in = f"; records are in {journal}"
+    if parquet or omitted:
+        try:
             write_parquet(journal, out / "predictions.parquet")
-        written = write_report(run, out, html=report, json_report=report,
-                               csv_data=journal_csv_writer(journal) if omitted else None)
-    except OSError as exc:
-        raise _fail(f"--out {out}: could not write the report ({exc.strerror or exc}); "
-                    f"earlier report files were left as they were; records are in {journal}")
+        except OSError as exc:
+            raise _fail(f"--out {out}: could not write predictions.parquet "
+                        f"({exc.strerror or exc}){kept_in}")
+    written = _write_outputs(run, out, report,
+                             journal_csv_writer(journal) if omitted else None, kept_in)
+    notes = []
     if parquet or omitted:
         written["parquet"] = out / "predictions.parquet"
-    if not quiet:
-        render_predictions(run, show, written.get("csv"))
-    render_failures(run)
-    render_summary(run)
-    for path in written.values():
-        console.print(Text("wrote ") + plain(path), highlight=False)
     if omitted:
-        console.print(plain(f"{run.n_images} files is over --report-limit: report.json and "
-                            "report.html keep aggregates; every record is in "
-                            "predictions.csv and predictions.parquet"), style="yellow")
-    console.print(Text(DISCLAIMER, style="dim"))
-    if run.n_failed:
-        raise typer.Exit(EXIT_SOME_FAILED)
-
-
-
+        notes.append(Text(f"{run.n_images} files is over --report-limit: report.json and "
+                          "report.html keep aggregates; every record is in predictions.csv "
+                          "and predictions.parquet", style="yellow"))
+    _render_run(run, written, show, quiet, notes)
 
 
 @app.command()

@@ -178,9 +178,8 @@ def predictions_csv(run: PredictionRun) -> str:
 
 
 def write_predictions_csv(run: PredictionRun, out_dir: str | os.PathLike) -> Path:
-    path = Path(out_dir) / "predictions.csv"
-    atomic_write(path, predictions_csv(run))
-    return path
+    """predictions.csv alone (``write_report`` without the JSON and HTML)."""
+    return write_report(run, out_dir, html=False, json_report=False)["csv"]
 
 
 # ---------------------------------------------------------------- HTML report
@@ -406,16 +405,15 @@ figure img{{width:200px;border-radius:4px;display:block}} .path{{color:#666;word
 
 
 def write_report(run: PredictionRun, out_dir: str | os.PathLike, *, html: bool = True,
-                 json_report: bool = True, csv_data=None, extra: dict | None = None
-                 ) -> dict[str, Path]:
+                 json_report: bool = True, csv_data=None) -> dict[str, Path]:
     """Write report.json, predictions.csv and report.html into ``out_dir`` as one set.
 
     ``csv_data``: the CSV content instead of the run's records (a string, or a
     callable writing to a text file: the Ray engine streams large runs from its
-    journal). ``extra``: more files of the set, {path: content}.
+    journal).
     """
     out = Path(out_dir)
-    report = report_dict(run)
+    report = report_dict(run) if json_report or html else None
     paths = {"csv": out / "predictions.csv"}
     files = {paths["csv"]: predictions_csv(run) if csv_data is None else csv_data}
     if json_report:
@@ -425,8 +423,5 @@ def write_report(run: PredictionRun, out_dir: str | os.PathLike, *, html: bool =
     if html:
         paths["html"] = out / "report.html"
         files[paths["html"]] = render_html(run, report)
-    for path, data in (extra or {}).items():
-        paths[Path(path).suffix.lstrip(".")] = Path(path)
-        files[Path(path)] = data
     write_set(files)
     return paths

@@ -31,6 +31,7 @@ import math
 import os
 import time
 import warnings
+from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
@@ -67,21 +68,25 @@ def ray_available() -> bool:
 
 # ------------------------------------------------------------------ records <-> JSON
 
+_PREDICTION_FIELDS = tuple(f.name for f in fields(Prediction) if f.name != "cam")
+
+
 def record_to_json(rec: Prediction | Failure) -> dict:
+    """A journal line: every field of the record (the cam heatmap logits excepted)."""
     if isinstance(rec, Failure):
-        return {"path": rec.path, "error": rec.error}
-    return {"path": rec.path, "probability": rec.probability, "label": rec.label,
-            "threshold": rec.threshold, "truth": rec.truth, "ood_score": rec.ood_score,
-            "in_distribution": rec.in_distribution, "warnings": list(rec.warnings),
-            "dicom": rec.dicom}
+        return asdict(rec)
+    return {k: getattr(rec, k) for k in _PREDICTION_FIELDS} | {"warnings": list(rec.warnings)}
+
+
+def _journal_line(rec: Prediction | Failure) -> str:
+    return json.dumps(record_to_json(rec), ensure_ascii=False) + "\n"
 
 
 def record_from_json(d: dict) -> Prediction | Failure:
     if "error" in d:
         return Failure(d["path"], d["error"])
-    return Prediction(d["path"], float(d["probability"]), d["label"], float(d["threshold"]),
-                      d.get("truth"), d.get("ood_score"), d.get("in_distribution"),
-                      tuple(d.get("warnings") or ()), d.get("dicom"))
+    return Prediction(**{k: d.get(k) for k in _PREDICTION_FIELDS}
+                      | {"warnings": tuple(d.get("warnings") or ())})
 
 
 def read_journal(path: Path) -> Iterator[Prediction | Failure]:
@@ -98,9 +103,8 @@ def read_journal(path: Path) -> Iterator[Prediction | Failure]:
 
 # ------------------------------------------------------------------ the two stages
 
-def _decode_batch(batch: dict, cfg: dict) -> dict:
+def _decode_batch(batch: dict, pre: PreprocessConfig) -> dict:
     """Ray task: decode a batch of paths with the local engine's decode_file."""
-    pre = PreprocessConfig(**cfg)
     n = len(batch["path"])
     images = np.zeros((n, pre.height, pre.width), np.uint8)
     errors, warns, dicom = [""] * n, [""] * n, [""] * n
@@ -168,16 +172,15 @@ class _DecodingModelActor(_ModelActor):
         super().__init__(model_path, threads, fault)
         self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="decode")
         self.batch_size = batch_size
-        self.cfg_dict = _cfg_dict(self.cfg)
 
     def __call__(self, batch: dict) -> dict:
-        paths = [str(p) for p in batch["path"]]
-        futures = [self.pool.submit(_decode_batch, {"idx": batch["idx"][i:i + self.batch_size],
-                                                    "path": paths[i:i + self.batch_size],
-                                                    "truth": batch["truth"][i:i + self.batch_size]},
-                                    self.cfg_dict)
-                   for i in range(0, len(paths), self.batch_size)]
-        parts = [super(_DecodingModelActor, self).__call__(f.result()) for f in futures]
+        step = self.batch_size
+        futures = [self.pool.submit(_decode_batch, {k: batch[k][i:i + step]
+                                                    for k in ("idx", "path", "truth")},
+                                    self.cfg)
+                   for i in range(0, len(batch["path"]), step)]
+        score = super().__call__
+        parts = [score(f.result()) for f in futures]
         return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
 
@@ -195,7 +198,8 @@ def predict_ray(model_path: str | os.PathLike, files: Sequence[Path],
     """Predict ``files`` on Ray Data; returns the run and the journal's path.
 
     Records stream into ``out_dir/predictions.journal.jsonl``; the caller writes
-    the report files (:func:`write_outputs`). ``fault`` = (marker file, n): the
+    the report files (``report.write_report``, with :func:`journal_csv_writer` and
+    :func:`write_parquet` for runs over ``report_limit``). ``fault`` = (marker file, n): the
     first actor to reach its n-th batch while the marker is absent writes it and
     dies (tests).
 
@@ -231,7 +235,7 @@ def predict_ray(model_path: str | os.PathLike, files: Sequence[Path],
     todo = [(i, str(p), t or "") for i, (p, t) in enumerate(zip(files, truths))
             if str(p) not in done]
 
-    collector = _Collector(report_limit, len(files), thr)
+    collector = _Collector(report_limit, len(files))
     for rec in done.values():
         collector.add(rec)
     t_start = time.perf_counter()
@@ -249,9 +253,7 @@ def predict_ray(model_path: str | os.PathLike, files: Sequence[Path],
             if started:
                 ray.shutdown()
     seconds = time.perf_counter() - t_start
-    run = collector.run(local, thr, batch_size, seconds, flagged_as,
-                        session_predicted=collector.session_predicted)
-    return run, journal
+    return collector.run(local, thr, batch_size, seconds, flagged_as), journal
 
 
 def _execute(ray, todo, journal: Path, collector: "_Collector", *, model_path, cfg,
@@ -274,7 +276,7 @@ def _execute(ray, todo, journal: Path, collector: "_Collector", *, model_path, c
     pool = dict(compute=ray.data.ActorPoolStrategy(size=actors), batch_format="numpy",
                 num_cpus=0.5)
     if decode == "tasks":
-        decoded = ds.map_batches(_decode_batch, fn_kwargs={"cfg": _cfg_dict(cfg)},
+        decoded = ds.map_batches(_decode_batch, fn_kwargs={"pre": cfg},
                                  batch_size=chunk, batch_format="numpy", num_cpus=0.5)
         scored = decoded.map_batches(_ModelActor, fn_constructor_kwargs=actor_kwargs,
                                      batch_size=batch_size, **pool)
@@ -287,7 +289,7 @@ def _execute(ray, todo, journal: Path, collector: "_Collector", *, model_path, c
         for b in scored.iter_batches(batch_size=None, batch_format="numpy",
                                      prefetch_batches=1):
             for rec in _records(b, seen, thr, ood_thr, flagged_as, collector):
-                fh.write(json.dumps(record_to_json(rec), ensure_ascii=False) + "\n")
+                fh.write(_journal_line(rec))
             fh.flush()
             if progress:
                 progress(len(seen))
@@ -301,7 +303,6 @@ def _init_ray(ray, address: str | None) -> bool:
     for name in ("ray", "ray.data"):
         logging.getLogger(name).setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", module=r"ray(\.|$)")
-    warnings.filterwarnings("ignore", message=r".*ray_remote_args.*")
     # the core worker logs one error-level line per restartable actor whose
     # constructor arguments Ray Data keeps in the object store (all of ours):
     # set RAY_BACKEND_LOG_LEVEL yourself to see Ray's backend logs
@@ -339,11 +340,6 @@ def _check_reachable(address: str, timeout: float = 5.0) -> None:
         raise ConnectionError(f"nothing answers at {target} ({exc.strerror or exc})") from None
 
 
-def _cfg_dict(cfg: PreprocessConfig) -> dict:
-    return {"height": cfg.height, "width": cfg.width, "channels": cfg.channels,
-            "value_range": tuple(cfg.value_range), "resize": cfg.resize}
-
-
 def _records(b: dict, seen: set[int], thr: float, ood_thr, flagged_as: str,
              collector: "_Collector") -> list[Prediction | Failure]:
     """One streamed batch -> records, each file index once."""
@@ -377,7 +373,7 @@ def _records(b: dict, seen: set[int], thr: float, ood_thr, flagged_as: str,
 class _Collector:
     """Bounded memory: full records up to ``limit`` files, compact arrays always."""
 
-    def __init__(self, limit: int, n_files: int, thr: float):
+    def __init__(self, limit: int, n_files: int):
         self.keep = n_files <= limit
         self.predictions: list[Prediction] = []
         self.failures: list[Failure] = []
@@ -407,8 +403,8 @@ class _Collector:
             self.omitted_predictions += 1
             self.omitted_flagged += rec.flagged
 
-    def run(self, model, thr: float, batch_size: int, seconds: float, flagged_as: str,
-            session_predicted: int) -> PredictionRun:
+    def run(self, model, thr: float, batch_size: int, seconds: float,
+            flagged_as: str) -> PredictionRun:
         metrics = None
         if len(self.truth):
             metrics = binary_metrics(np.frombuffer(self.truth, np.int8).astype(bool),
@@ -423,14 +419,14 @@ class _Collector:
             metrics=metrics, model_meta=model.meta, flagged_as=flagged_as,
             omitted_predictions=self.omitted_predictions,
             omitted_failures=self.omitted_failures, omitted_flagged=self.omitted_flagged,
-            session_predicted=session_predicted, engine="ray")
+            session_predicted=self.session_predicted, engine="ray")
 
 
 def _rewrite_journal(journal: Path, records) -> None:
     tmp = journal.with_suffix(".tmp")
     with open(tmp, "w", encoding="utf-8", errors="surrogateescape") as fh:
         for rec in records:
-            fh.write(json.dumps(record_to_json(rec), ensure_ascii=False) + "\n")
+            fh.write(_journal_line(rec))
     os.replace(tmp, journal)
 
 
