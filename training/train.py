@@ -145,6 +145,10 @@ class WorkerRole:
     index: int = 0
     chief: bool = True
 
+    def folder(self, out: Path) -> Path:
+        """Where this worker writes: the run folder for the chief, else <out>/worker-<i>."""
+        return out if self.chief else out / f"worker-{self.index}"
+
 
 def worker_role() -> WorkerRole:
     """Read ``TF_CONFIG``: the chief is task ``chief`` 0, else ``worker`` 0.
@@ -501,7 +505,7 @@ def train(cfg: TrainConfig, *, resume: bool = False,
     run_dir = Path(cfg.out)
     role = worker_role()
     if resume:
-        saved = (run_dir if role.chief else run_dir / f"worker-{role.index}") / "config.json"
+        saved = role.folder(run_dir) / "config.json"
         if not saved.exists():
             raise FileNotFoundError(f"{run_dir}: no config.json to resume from")
         epochs, target_sensitivity = cfg.epochs, cfg.target_sensitivity
@@ -515,7 +519,7 @@ def train(cfg: TrainConfig, *, resume: bool = False,
     keras.utils.set_random_seed(cfg.seed)
     # the chief writes the run folder; another worker keeps its checkpoints,
     # history and backup (to resume) in <out>/worker-<i>, removed when it ends
-    chief_dir, run_dir = run_dir, run_dir if role.chief else run_dir / f"worker-{role.index}"
+    chief_dir, run_dir = run_dir, role.folder(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     on_gpu = any("GPU" in d for d in devices)
     mixed = cfg.mixed_precision == "on" or (cfg.mixed_precision == "auto" and on_gpu)
