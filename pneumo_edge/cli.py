@@ -15,9 +15,9 @@ import typer
 from rich.text import Text
 
 from . import __version__
-from .console import (console, err, plain, render_benchmark, render_export, render_failures,
-                      render_info, render_predictions, render_robustness, render_summary,
-                      render_train_result, say)
+from .console import (console, err, plain, render_benchmark, render_ensemble, render_export,
+                      render_failures, render_info, render_predictions, render_robustness,
+                      render_summary, render_train_result, say)
 
 EXIT_OK = 0
 EXIT_SOME_FAILED = 1
@@ -74,7 +74,8 @@ def train(
     val_fraction: Annotated[Optional[float], typer.Option(min=0.01, max=0.9, help="[default: 0.15]")] = None,
     lr: Annotated[Optional[float], typer.Option(help="Peak learning rate (AdamW) [default: 1e-3].")] = None,
     patience: Annotated[Optional[int], typer.Option(min=1, help="EarlyStopping patience on the robust validation AUC [default: 8].")] = None,
-    seed: Annotated[Optional[int], typer.Option(help="[default: 42]")] = None,
+    seed: Annotated[Optional[int], typer.Option(help="Seed of the patient split [default: 42].")] = None,
+    init_seed: Annotated[Optional[int], typer.Option(help="Seed of the weights and augmentation [default: --seed]; seed-ensemble members share --seed and differ here.")] = None,
     target_sensitivity: Annotated[Optional[float], typer.Option(
         min=0.0, max=1.0, help="Pick the highest threshold with this validation sensitivity "
                                "(default: the threshold rule).")] = None,
@@ -144,6 +145,7 @@ def train(
                               weight_decay=weight_decay, dropout=dropout,
                               label_smoothing=label_smoothing, schedule=schedule,
                               patience=patience, val_fraction=val_fraction, seed=seed,
+                              init_seed=init_seed,
                               target_sensitivity=target_sensitivity, max_images=max_images,
                               strategy=strategy, ema_decay=ema_decay,
                               threshold_rule=threshold_rule))
@@ -210,6 +212,24 @@ def export(
     except ExportError as exc:
         raise _fail(str(exc))
     render_export(result, out, set_default)
+
+
+@app.command()
+def ensemble(
+    runs: Annotated[list[Path], typer.Argument(help="Finished run folders of one recipe on one split (same --seed, different --init-seed).")],
+    out: Annotated[Path, typer.Option(help="Run folder to write (export it like any run).")] = Path("runs/ensemble"),
+    force: Annotated[bool, typer.Option("--force", help="Write into a non-empty --out.")] = False,
+):
+    """Combine runs into one seed-ensemble model (mean logit), calibrated and thresholded on validation."""
+    try:
+        from training.ensemble import EnsembleError, ensemble_runs
+    except ImportError as exc:
+        raise _fail(f"ensemble needs the train extra (pip install 'pneumo-edge[train]'): {exc}")
+    try:
+        val = ensemble_runs(runs, out, force=force, progress=say)
+    except (EnsembleError, FileNotFoundError) as exc:
+        raise _fail(str(exc))
+    render_ensemble(val, out)
 
 
 def _resolve_model(model: Optional[Path]) -> Path:

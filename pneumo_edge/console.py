@@ -101,6 +101,36 @@ def render_export(result, out: Path, set_default: bool) -> None:
         console.print(plain(f"predict's default model: {out / default}"), highlight=False)
 
 
+def render_ensemble(val: dict, out: Path) -> None:
+    """Each member at its own threshold and the ensemble at its new one: clean AUC and
+    the lowest sensitivity / specificity over the zoom rows (validation, Keras FP32)."""
+    table = Table(title=plain(f"seed ensemble in {out} ({val['n_val']} validation images)"),
+                  title_justify="left")
+    for col in ("model", "threshold", "AUC", "sens", "spec", "lowest zoom sens",
+                "lowest zoom spec"):
+        table.add_column(col)
+
+    def row(name, rec):
+        m, shifted = rec.get("metrics") or {}, rec.get("shifted_metrics") or {}
+        zoom = [v for k, v in shifted.items() if k.startswith("zoom")]
+        low = lambda key: min((v[key] for v in zoom if v.get(key) is not None),  # noqa: E731
+                              default=None)
+        table.add_row(plain(name), _fmt(rec.get("threshold")), _fmt(m.get("auc")),
+                      _fmt(m.get("recall")), _fmt(m.get("specificity")),
+                      _fmt(low("recall")), _fmt(low("specificity")))
+
+    for member in val.get("members", []):
+        row(member["run"], member)
+    row("ensemble", val)
+    console.print(table)
+    cal = val.get("calibration") or {}
+    if cal:
+        console.print(f"Platt scaling folded into the model: temperature {cal['temperature']}, "
+                      f"bias {cal['bias']}; ECE {cal['ece_before']} -> {cal['ece_after']}",
+                      highlight=False)
+    console.print(plain(f"export it: pneumo-edge export {out} --fp16 --int8"), highlight=False)
+
+
 def render_predictions(run, limit: int, csv_path: Path | None) -> None:
     table = Table(title=f"predictions ({len(run.predictions)})", title_justify="left")
     for col in ("file", "P(PNEUMONIA)", "label", "truth", "OOD", "flags"):

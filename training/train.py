@@ -48,7 +48,10 @@ class TrainConfig:
     warmup_epochs: int = 1
     patience: int = 8            # EarlyStopping on val AUC
     val_fraction: float = 0.15
-    seed: int = 42
+    seed: int = 42               # the patient split (and --max-images subset)
+    # weights, dropout and the augmentation stream [default: seed]; members of a
+    # seed ensemble share the split (seed) and differ here
+    init_seed: int | None = None
     target_sensitivity: float | None = None
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     class_balance: bool = True
@@ -113,6 +116,10 @@ class TrainConfig:
         if "select_rows" in d:
             d["select_rows"] = tuple(d["select_rows"])
         return cls(**d)
+
+    @property
+    def weights_seed(self) -> int:
+        return self.seed if self.init_seed is None else self.init_seed
 
     @property
     def preprocess(self) -> PreprocessConfig:
@@ -380,7 +387,7 @@ def _fit(cfg: TrainConfig, run_dir: Path, strategy, train_s, val_ds, select_sets
     x_train, y_train = load_arrays(train_s, pre)
     global_batch = cfg.batch_size
     train_ds = make_dataset(x_train, y_train, pre, batch_size=global_batch, training=True,
-                            seed=cfg.seed, augment=make_augment(cfg.augment))
+                            seed=cfg.weights_seed, augment=make_augment(cfg.augment))
     steps = int(np.ceil(len(y_train) / global_batch))
 
     from .models import create_model
@@ -516,7 +523,7 @@ def train(cfg: TrainConfig, *, resume: bool = False,
             cfg.target_sensitivity = target_sensitivity
     # MultiWorkerMirroredStrategy must exist before any other TensorFlow work
     strategy, devices = select_strategy(cfg.strategy)
-    keras.utils.set_random_seed(cfg.seed)
+    keras.utils.set_random_seed(cfg.weights_seed)
     # the chief writes the run folder; another worker keeps its checkpoints,
     # history and backup (to resume) in <out>/worker-<i>, removed when it ends
     chief_dir, run_dir = run_dir, role.folder(run_dir)
@@ -573,6 +580,28 @@ def train(cfg: TrainConfig, *, resume: bool = False,
 
     previous = (json.loads((run_dir / "val_metrics.json").read_text())
                 if resume and (run_dir / "val_metrics.json").exists() else {})
+    rows = _read_history(history_csv)
+    aucs = [float(r.get(SELECT_KEY) or r["val_auc"]) for r in rows]
+    best_epoch = int(rows[int(np.argmax(aucs))]["epoch"]) + 1
+    val = finish_run(run_dir, cfg, val_inputs, y_val, val_s, {
+        "best_epoch": best_epoch, "epochs_run": len(rows),
+        "train_seconds": round(previous.get("train_seconds", 0.0) + seconds, 1)})
+    plot_curves(history_csv, run_dir / "curves.png")
+    return TrainResult(run_dir, best_epoch, len(rows), val["metrics"], val["threshold"],
+                       val["threshold_rule"], devices, val["train_seconds"], len(train_s),
+                       len(val_s), no_patient)
+
+
+def finish_run(run_dir: Path, cfg: TrainConfig, val_inputs: Callable[[str], np.ndarray],
+               y_val: np.ndarray, val_s: list, extra: dict) -> dict:
+    """Calibrate ``run_dir/best.keras`` on validation, choose its threshold and write
+    ``val_metrics.json`` (with ``extra``) and ``val_probs.npy``; returns the record.
+
+    ``val_inputs(row)`` gives the model inputs of the validation images under a
+    robustness-suite row ("clean", "zoom_in_5", ...).
+    """
+    import keras
+
     best = keras.models.load_model(run_dir / "best.keras")
     calibration = _calibrate(best, run_dir, cfg, val_inputs("clean"), y_val) \
         if cfg.calibrate else {}
@@ -590,16 +619,9 @@ def train(cfg: TrainConfig, *, resume: bool = False,
     metrics = binary_metrics(y_val, probs, threshold).to_dict()
     shifted = {row: binary_metrics(y_val, p, threshold).to_dict() for row, p in by_row.items()
                if row != "clean"}
-    rows = _read_history(history_csv)
-    aucs = [float(r.get(SELECT_KEY) or r["val_auc"]) for r in rows]
-    best_epoch = int(rows[int(np.argmax(aucs))]["epoch"]) + 1
     val = {"threshold": threshold, "threshold_rule": rule, "metrics": metrics,
-           "shifted_metrics": shifted, "calibration": calibration,
-           "best_epoch": best_epoch, "epochs_run": len(rows), "n_val": len(val_s),
-           "n_val_patients": len({s.patient for s in val_s}),
-           "train_seconds": round(previous.get("train_seconds", 0.0) + seconds, 1)}
+           "shifted_metrics": shifted, "calibration": calibration} | extra | {
+           "n_val": len(val_s), "n_val_patients": len({s.patient for s in val_s})}
     _write_json(run_dir / "val_metrics.json", val)
     np.save(run_dir / "val_probs.npy", probs.astype(np.float32))
-    plot_curves(history_csv, run_dir / "curves.png")
-    return TrainResult(run_dir, best_epoch, len(rows), metrics, threshold, rule, devices,
-                       val["train_seconds"], len(train_s), len(val_s), no_patient)
+    return val
