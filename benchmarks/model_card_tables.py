@@ -6,7 +6,10 @@ Reads the ``pneumo_edge`` metadata of ``exported/*.onnx`` (validation metrics,
 robustness suite, calibration, OOD, parity, written by ``export``) and
 ``benchmarks/results.json`` (latency), and rewrites the card between the
 markers ``<!-- tables:start -->`` and ``<!-- tables:end -->``. Every number in
-that part of the card comes from these files; nothing is typed by hand.
+that part of the card comes from these files; nothing is typed by hand. The
+threshold trade-off table re-runs the FP32 file on the clean and zoom rows of
+the robustness suite over ``exported/val_split.csv`` (about two minutes on two
+cores; skipped with ``--no-tradeoff`` or without ``../shared/data``).
 """
 
 from __future__ import annotations
@@ -18,8 +21,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from pneumo_edge.robustness import ZOOM_ROWS  # noqa: E402
-from pneumo_edge.runtime import read_metadata  # noqa: E402
+from pneumo_edge.metrics import binary_metrics  # noqa: E402
+from pneumo_edge.robustness import ZOOM_ROWS, read_split_csv, run_suite  # noqa: E402
+from pneumo_edge.runtime import load_model, read_metadata  # noqa: E402
+
+DATA = ROOT.parent / "shared" / "data" / "chest_xray" / "train"
+TRADEOFF_THRESHOLDS = (0.5, 0.8, 0.9, 0.95)
 
 START, END = "<!-- tables:start -->", "<!-- tables:end -->"
 
@@ -33,7 +40,45 @@ def _latency() -> dict:
             and r["name"].startswith("pneumo_resnet18_")}
 
 
-def tables() -> str:
+def tradeoff(fp32_path: Path, threshold: float) -> list[str]:
+    """What the decision threshold trades on validation: clean sensitivity / specificity
+    and the worst zoom row's, at a few thresholds and the stored one; and the range of
+    thresholds (if any) that meets sensitivity >= 0.95 and specificity >= 0.92 in
+    every zoom row."""
+    import numpy as np
+
+    files, labels = read_split_csv(ROOT / "exported" / "val_split.csv", root=DATA)
+    model = load_model(fp32_path, device="cpu")
+    res = run_suite(model.run, model.preprocess, files, labels, threshold,
+                    perturbations=("clean",) + ZOOM_ROWS)
+    y = res.labels
+
+    def at(t: float) -> tuple:
+        clean = binary_metrics(y, res.probs["clean"], t)
+        zoom = {z: binary_metrics(y, res.probs[z], t) for z in ZOOM_ROWS}
+        sz = min(zoom, key=lambda z: zoom[z].recall)
+        pz = min(zoom, key=lambda z: zoom[z].specificity)
+        return clean, (zoom[sz].recall, sz), (zoom[pz].specificity, pz)
+
+    out = ["", f"### What the threshold trades ({len(y)} validation images, FP32)", "",
+           "| threshold | clean sensitivity / specificity | lowest zoom-row sensitivity "
+           "| lowest zoom-row specificity |", "| --- | --- | --- | --- |"]
+    for t in sorted(set(TRADEOFF_THRESHOLDS) | {threshold}):
+        clean, (sv, sz), (pv, pz) = at(t)
+        mark = "**" if t == threshold else ""
+        out.append(f"| {mark}{t:.4g}{' (stored)' if mark else ''}{mark} | "
+                   f"{clean.recall:.3f} / {clean.specificity:.3f} | {sv:.3f} ({sz}) | "
+                   f"{pv:.3f} ({pz}) |")
+    grid = np.round(np.arange(0.001, 1.0, 0.001), 3)
+    ok = [t for t in grid if (lambda r: r[1][0] >= 0.95 and r[2][0] >= 0.92)(at(t))]
+    out += ["", (f"Thresholds meeting sensitivity >= 0.95 and specificity >= 0.92 in every "
+                 f"zoom row (grid of 0.001): {len(ok)}, from {ok[0]:.3f} to {ok[-1]:.3f}."
+                 if ok else "No threshold (grid of 0.001) meets sensitivity >= 0.95 and "
+                 "specificity >= 0.92 in every zoom row.")]
+    return out
+
+
+def tables(with_tradeoff: bool = True) -> str:
     metas = {}
     for p in sorted((ROOT / "exported").glob("pneumo_resnet18_*.onnx")):
         meta = read_metadata(p)[0]
@@ -84,6 +129,8 @@ def tables() -> str:
             f"agreement with FP32 at least {int8.get('min_agreement_with_fp32', float('nan')):.4f} "
             f"in every row (>= 0.99), largest INT8 AUC loss "
             f"{int8.get('max_auc_loss_vs_fp32', float('nan')):.4f} (<= 0.005)."]
+    if with_tradeoff and DATA.is_dir():
+        out += tradeoff(metas["fp32"][0], fp32["threshold"])
     cal = fp32.get("calibration") or {}
     if cal:
         out += ["", "## Calibration", "",
@@ -117,8 +164,9 @@ def main() -> None:
         sys.exit(f"{card}: no {START} ... {END} markers")
     head, rest = text.split(START, 1)
     _, tail = rest.split(END, 1)
-    card.write_text(head + START + "\n" + tables() + END + tail)
-    print(tables())
+    generated = tables(with_tradeoff="--no-tradeoff" not in sys.argv[1:])
+    card.write_text(head + START + "\n" + generated + END + tail)
+    print(generated)
 
 
 if __name__ == "__main__":
