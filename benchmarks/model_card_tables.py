@@ -70,7 +70,7 @@ def tradeoff(fp32_path: Path, threshold: float) -> list[str]:
                    f"{clean.recall:.3f} / {clean.specificity:.3f} | {sv:.3f} ({sz}) | "
                    f"{pv:.3f} ({pz}) |")
     grid = np.round(np.arange(0.001, 1.0, 0.001), 3)
-    ok = [t for t in grid if (lambda r: r[1][0] >= 0.95 and r[2][0] >= 0.92)(at(t))]
+    ok = [t for t in grid if (r := at(t))[1][0] >= 0.95 and r[2][0] >= 0.92]
     out += ["", (f"Thresholds meeting sensitivity >= 0.95 and specificity >= 0.92 in every "
                  f"zoom row (grid of 0.001): {len(ok)}, from {ok[0]:.3f} to {ok[-1]:.3f}."
                  if ok else "No threshold (grid of 0.001) meets sensitivity >= 0.95 and "

@@ -104,6 +104,8 @@ def render_export(result, out: Path, set_default: bool) -> None:
 def render_ensemble(val: dict, out: Path) -> None:
     """Each member at its own threshold and the ensemble at its new one: clean AUC and
     the lowest sensitivity / specificity over the zoom rows (validation, Keras FP32)."""
+    from .robustness import ZOOM_ROWS
+
     table = Table(title=plain(f"seed ensemble in {out} ({val['n_val']} validation images)"),
                   title_justify="left")
     for col in ("model", "threshold", "AUC", "sens", "spec", "lowest zoom sens",
@@ -112,7 +114,7 @@ def render_ensemble(val: dict, out: Path) -> None:
 
     def row(name, rec):
         m, shifted = rec.get("metrics") or {}, rec.get("shifted_metrics") or {}
-        zoom = [v for k, v in shifted.items() if k.startswith("zoom")]
+        zoom = [shifted[k] for k in ZOOM_ROWS if k in shifted]
         low = lambda key: min((v[key] for v in zoom if v.get(key) is not None),  # noqa: E731
                               default=None)
         table.add_row(plain(name), _fmt(rec.get("threshold")), _fmt(m.get("auc")),

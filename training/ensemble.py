@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .data import load_arrays, read_split
+from .data import read_split
 
 
 class EnsembleError(ValueError):
@@ -93,9 +93,7 @@ def ensemble_runs(runs: list[str | Path], out: str | Path, *, force: bool = Fals
     """
     import keras
 
-    from pneumo_edge.preprocess import to_model_input
-
-    from .train import TrainConfig, _write_json, finish_run
+    from .train import TrainConfig, _write_json, finish_run, validation_inputs
 
     say = progress or (lambda msg: None)
     runs = [Path(r) for r in runs]
@@ -119,26 +117,28 @@ def ensemble_runs(runs: list[str | Path], out: str | Path, *, force: bool = Fals
             if config.get(field_) != config0.get(field_):
                 raise EnsembleError(f"{run}: {field_} {config.get(field_)!r} differs from "
                                     f"{runs[0]}'s {config0.get(field_)!r}")
-    seeds = [c.get("init_seed") if c.get("init_seed") is not None else c.get("seed")
-             for c, _, _ in loaded]
+    cfgs = [TrainConfig.from_dict(c) for c, _, _ in loaded]
+    seeds = [c.weights_seed for c in cfgs]
     if len(set(seeds)) != len(seeds):
         say(f"warning: members share an init seed ({seeds}); they may be near copies")
 
+    # every input read (images, models) before anything is written
+    _, y_val, val_inputs = validation_inputs(val0, cfgs[0].preprocess)
     say(f"building one graph from {len(runs)} members")
     members = [keras.models.load_model(r / "best.keras", compile=False) for r in runs]
     model = build_ensemble(members)
     out.mkdir(parents=True, exist_ok=True)
     model.save(out / "best.keras")
     shutil.copyfile(runs[0] / "split.csv", out / "split.csv")
-    cfg = TrainConfig.from_dict(config0)
+    cfg = cfgs[0]
     cfg.out = str(out)
     member_records = []
     train_seconds = 0.0
-    for run, (config, _, _) in zip(runs, loaded):
+    for run, seed in zip(runs, seeds):
         val = json.loads((run / "val_metrics.json").read_text())
         train_seconds += float(val.get("train_seconds") or 0.0)
         member_records.append({
-            "run": str(run), "init_seed": config.get("init_seed"),
+            "run": str(run), "init_seed": seed,
             "threshold": val.get("threshold"), "metrics": val.get("metrics"),
             "shifted_metrics": val.get("shifted_metrics"),
             "best_epoch": val.get("best_epoch"), "epochs_run": val.get("epochs_run")})
@@ -146,13 +146,6 @@ def ensemble_runs(runs: list[str | Path], out: str | Path, *, force: bool = Fals
                 "combine": "mean of the members' calibrated logits, then Platt scaling"}
     _write_json(out / "config.json", config0 | {"out": str(out), "arch": model.name,
                                                 "ensemble": ensemble})
-
-    pre = cfg.preprocess
-    x_val, y_val = load_arrays(val0, pre)
-
-    def val_inputs(row: str) -> np.ndarray:
-        x = x_val if row == "clean" else load_arrays(val0, pre, row)[0]
-        return np.stack([to_model_input(img[:, :, 0], pre) for img in x])
 
     say("calibrating and choosing the threshold on validation")
     return finish_run(out, cfg, val_inputs, y_val, val0, {

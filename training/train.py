@@ -553,15 +553,9 @@ def train(cfg: TrainConfig, *, resume: bool = False,
     if on_start:
         on_start(cfg_dict)
 
-    x_val, y_val = load_arrays(val_s, pre)
+    x_val, y_val, val_inputs = validation_inputs(val_s, pre)
     val_ds = make_dataset(x_val, y_val, pre, batch_size=cfg.batch_size, training=False,
                           seed=cfg.seed)
-
-    def val_inputs(row: str):
-        x = x_val if row == "clean" else load_arrays(val_s, pre, row)[0]
-        # the runtime's own conversion (no resize: the cache is at model size already)
-        return np.stack([to_model_input(img[:, :, 0], pre) for img in x])
-
     select_sets = {row: (val_inputs(row), y_val) for row in cfg.select_rows}
     history_csv = run_dir / "history.csv"
     # resuming a finished run re-evaluates its best checkpoint (e.g. a new threshold rule)
@@ -592,20 +586,32 @@ def train(cfg: TrainConfig, *, resume: bool = False,
                        len(val_s), no_patient)
 
 
+def validation_inputs(val_s: list, pre: PreprocessConfig):
+    """``(x_val, y_val, val_inputs)``: the decoded validation images, their labels, and
+    ``val_inputs(row)``, the model inputs under a robustness-suite row ("clean",
+    "zoom_in_5", ...)."""
+    x_val, y_val = load_arrays(val_s, pre)
+
+    def val_inputs(row: str) -> np.ndarray:
+        x = x_val if row == "clean" else load_arrays(val_s, pre, row)[0]
+        # the runtime's own conversion (no resize: the cache is at model size already)
+        return np.stack([to_model_input(img[:, :, 0], pre) for img in x])
+
+    return x_val, y_val, val_inputs
+
+
 def finish_run(run_dir: Path, cfg: TrainConfig, val_inputs: Callable[[str], np.ndarray],
                y_val: np.ndarray, val_s: list, extra: dict) -> dict:
     """Calibrate ``run_dir/best.keras`` on validation, choose its threshold and write
     ``val_metrics.json`` (with ``extra``) and ``val_probs.npy``; returns the record.
 
-    ``val_inputs(row)`` gives the model inputs of the validation images under a
-    robustness-suite row ("clean", "zoom_in_5", ...).
+    ``val_inputs`` is :func:`validation_inputs`'s.
     """
     import keras
 
     best = keras.models.load_model(run_dir / "best.keras")
-    calibration = _calibrate(best, run_dir, cfg, val_inputs("clean"), y_val) \
-        if cfg.calibrate else {}
     rows = {"clean": val_inputs("clean")}
+    calibration = _calibrate(best, run_dir, cfg, rows["clean"], y_val) if cfg.calibrate else {}
     if cfg.threshold_rule == "robust" and cfg.target_sensitivity is None:
         from pneumo_edge.robustness import ZOOM_ROWS
         rows |= {row: val_inputs(row) for row in ZOOM_ROWS}
