@@ -227,7 +227,9 @@ def ensemble(
         raise _fail(f"ensemble needs the train extra (pip install 'pneumo-edge[train]'): {exc}")
     try:
         val = ensemble_runs(runs, out, force=force, progress=say)
-    except (EnsembleError, FileNotFoundError) as exc:
+    except (EnsembleError, ValueError, OSError) as exc:
+        # EnsembleError and the data's DataError are ValueErrors; Keras names an
+        # unreadable best.keras in a ValueError
         raise _fail(str(exc))
     render_ensemble(val, out)
 

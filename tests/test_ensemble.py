@@ -166,6 +166,16 @@ def test_cli(members, tmp_path):
     res = runner.invoke(app, ["ensemble", str(runs[0]), "--out", str(tmp_path / "e")])
     assert res.exit_code == EXIT_USAGE
     assert res.output.strip().splitlines()[-1].startswith("error: an ensemble needs at least two")
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for name in ("config.json", "split.csv", "val_metrics.json"):
+        (broken / name).write_bytes((runs[1] / name).read_bytes())
+    (broken / "best.keras").write_text("not a model")
+    res = runner.invoke(app, ["ensemble", str(runs[0]), str(broken), "--out",
+                              str(tmp_path / "eb")])
+    assert res.exit_code == EXIT_USAGE and "Traceback" not in res.output
+    assert res.output.strip().splitlines()[-1].startswith("error: ")
+    assert "best.keras" in res.output and not (tmp_path / "eb").exists()
     res = runner.invoke(app, ["ensemble", *map(str, runs), "--out", str(tmp_path / "[b]e")])
     assert res.exit_code == 0, res.output
     assert "seed ensemble in" in res.output and "[b]e" in res.output
