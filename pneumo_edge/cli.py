@@ -94,6 +94,8 @@ def train(
     calibrate: Annotated[bool, typer.Option(help="Fit a temperature and bias on validation and fold them into the model.")] = True,
     class_balance: Annotated[bool, typer.Option(help="Class weights from training frequencies.")] = True,
     max_images: Annotated[Optional[int], typer.Option(min=4, help="Random subset, for quick trials.")] = None,
+    split: Annotated[Optional[str], typer.Option(help="patient (random patients) or block (the earliest NORMAL patients of each name family held out as well: two validation views) [default: patient].")] = None,
+    precision: Annotated[Optional[str], typer.Option(help="auto, fp32, bf16 or fp16 compute (auto: bf16 on CPUs with bf16 instructions, fp16 on GPUs); export is float32 [default: auto].")] = None,
     strategy: Annotated[Optional[str], typer.Option(help="auto, mirrored, default or multiworker [default: auto: multiworker when TF_CONFIG names several workers].")] = None,
     resume: Annotated[bool, typer.Option(help="Continue the interrupted run in --out.")] = False,
     cluster: Annotated[Optional[str], typer.Option(help="Multi-worker training: host:port of every worker, comma-separated, the chief first (sets TF_CONFIG); start the same command on each machine with its --task-index.")] = None,
@@ -147,7 +149,8 @@ def train(
                               patience=patience, val_fraction=val_fraction, seed=seed,
                               init_seed=init_seed,
                               target_sensitivity=target_sensitivity, max_images=max_images,
-                              strategy=strategy, ema_decay=ema_decay,
+                              strategy=strategy, ema_decay=ema_decay, split=split,
+                              precision=precision,
                               threshold_rule=threshold_rule))
     except ValueError as exc:
         raise _fail(str(exc))
@@ -167,9 +170,9 @@ def train(
     def on_start(resolved: dict) -> None:
         console.print(
             f"training {resolved['arch']} at {resolved['img_size']} px on "
-            f"{', '.join(resolved['devices'])} (mixed precision "
-            f"{'on' if resolved['mixed_precision_used'] else 'off'}): {resolved['n_train']} train / "
-            f"{resolved['n_val']} validation images, split by patient", highlight=False)
+            f"{', '.join(resolved['devices'])} ({resolved['precision_policy']}): "
+            f"{resolved['n_train']} train / {resolved['n_val']} validation images, "
+            f"{resolved['split']} split", highlight=False)
 
     try:
         result = run_training(cfg, resume=resume, on_epoch=on_epoch, on_start=on_start)

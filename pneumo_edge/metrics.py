@@ -157,33 +157,44 @@ def latency_summary(ms_per_image: Sequence[float]) -> dict[str, float | None]:
     return {"mean": float(t.mean()), "p50": float(p50), "p95": float(p95), "p99": float(p99)}
 
 
-def choose_threshold_robust(y_true: Sequence[int], scores_by_row: dict[str, Sequence[float]]
-                            ) -> tuple[float, str]:
+def choose_threshold_robust(y_true: Sequence[int], scores_by_row: dict[str, Sequence[float]],
+                            views: dict[str, np.ndarray] | None = None) -> tuple[float, str]:
     """A threshold that holds under shift: the centre of the worst-row Youden plateau.
 
     For each candidate threshold t, J_min(t) is the smallest Youden's J over the
     rows (the clean validation set and its perturbed copies, e.g. the zoom rows
     of the robustness suite). Every t whose J_min is within one image of the
-    best (1 / size of the smaller class) is a candidate; the middle of their
+    best (1 / size of the smallest class) is a candidate; the middle of their
     range is returned, as in :func:`choose_threshold`.
+
+    ``views`` (name -> boolean mask over the images), e.g. the block and patient
+    views of a block split: each row is then judged within each view, and the
+    worst over rows and views counts.
     """
-    y = np.asarray(y_true, dtype=bool)
-    if y.all() or not y.any():
-        raise ValueError("threshold selection needs both classes in the validation set")
+    y_all = np.asarray(y_true, dtype=bool)
+    masks = list(views.values()) if views else [np.ones(y_all.size, dtype=bool)]
     rows = [np.asarray(s, dtype=np.float64) for s in scores_by_row.values()]
     cand = np.unique(np.concatenate(rows))
     cand = np.r_[cand, np.nextafter(cand[-1], np.inf)]
-    n_pos, n_neg = int(y.sum()), int((~y).sum())
     j_min = np.full(cand.size, np.inf)
-    for s in rows:
-        pos = np.sort(s[y])
-        neg = np.sort(s[~y])
-        tpr = 1.0 - np.searchsorted(pos, cand, side="left") / n_pos  # share of pos >= t
-        fpr = 1.0 - np.searchsorted(neg, cand, side="left") / n_neg
-        j_min = np.minimum(j_min, tpr - fpr)
-    tolerance = 1.0 / min(n_pos, n_neg)
+    smallest = np.inf
+    for mask in masks:
+        mask = np.asarray(mask, dtype=bool)
+        y = y_all[mask]
+        if y.all() or not y.any():
+            raise ValueError("threshold selection needs both classes in the validation set")
+        n_pos, n_neg = int(y.sum()), int((~y).sum())
+        smallest = min(smallest, n_pos, n_neg)
+        for s in rows:
+            pos = np.sort(s[mask][y])
+            neg = np.sort(s[mask][~y])
+            tpr = 1.0 - np.searchsorted(pos, cand, side="left") / n_pos  # share of pos >= t
+            fpr = 1.0 - np.searchsorted(neg, cand, side="left") / n_neg
+            j_min = np.minimum(j_min, tpr - fpr)
+    tolerance = 1.0 / smallest
     ok = cand[j_min >= j_min.max() - tolerance - 1e-12]
-    return float((ok.min() + ok.max()) / 2.0), f"worst_row_youden_plateau({len(rows)} rows)"
+    where = f"{len(rows)} rows" + (f" x {len(masks)} views" if views else "")
+    return float((ok.min() + ok.max()) / 2.0), f"worst_row_youden_plateau({where})"
 
 
 def _logit(p: np.ndarray) -> np.ndarray:

@@ -11,6 +11,7 @@ import csv
 import html
 import io
 import json
+import math
 import os
 import platform
 import tempfile
@@ -255,6 +256,11 @@ def _fmt(x, digits=4):
 GALLERY_LIMITS = {"false positives": 8, "false negatives": 8, "least certain": 8, "flagged": 12}
 
 
+def _logit(p: float) -> float:
+    p = min(max(float(p), 1e-7), 1.0 - 1e-7)
+    return math.log(p / (1.0 - p))
+
+
 def _gallery_groups(run: PredictionRun) -> dict[str, list]:
     preds = run.predictions
     thr = run.model["threshold"]
@@ -262,7 +268,10 @@ def _gallery_groups(run: PredictionRun) -> dict[str, list]:
                 key=lambda p: -p.probability)
     fn = sorted((p for p in preds if p.truth == "PNEUMONIA" and p.label == "NORMAL"),
                 key=lambda p: p.probability)
-    unsure = sorted(preds, key=lambda p: abs(p.probability - thr))
+    # distance on the logit scale: calibrated probabilities crowd near 0 and 1, so
+    # |p - thr| would call 1.000 "less certain" than 0.5 when thr is 0.98
+    thr_logit = float(_logit(thr))
+    unsure = sorted(preds, key=lambda p: abs(float(_logit(p.probability)) - thr_logit))
     flagged = [p for p in preds if p.flagged]
     groups = {"false positives": fp, "false negatives": fn, "least certain": unsure,
               "flagged": flagged}

@@ -11,6 +11,15 @@ against the clean row. numpy and OpenCV only, so it runs on any exported model
 Zoom rows are the known failure of this dataset (framing): ``zoom_in_10``
 crops the central 90 % of each side; ``zoom_out_10`` shrinks the image to
 1/1.1 of each side inside a black border (the X-ray framed 10 % wider).
+
+Border rows are everyday framing that a model must ignore: ``border_black_3``
+pads every side with black 3 % of that side wide (letterboxed exports, DICOM
+padding, collimation); ``letterbox_tb_10`` / ``letterbox_lr_10`` pad top and
+bottom (left and right) with 10 % black bars; ``border_white_3`` pads with
+saturated white; ``corner_black_15`` blacks out one corner rectangle, 15 % of
+each side (privacy blackout; the corner follows the per-image seed);
+``text_label`` burns a white text label into a top corner and ``marker_lr`` an
+"L" or "R" marker, as modalities and PACS exports do.
 """
 
 from __future__ import annotations
@@ -29,8 +38,8 @@ from .images import decode_gray
 from .metrics import binary_metrics
 from .preprocess import PreprocessConfig, to_model_input
 
-__all__ = ["PERTURBATIONS", "RobustnessRow", "RobustnessResult", "perturb", "perturbed_input",
-           "run_suite", "ZOOM_ROWS"]
+__all__ = ["BORDER_ROWS", "FRAMING_ROWS", "PERTURBATIONS", "RobustnessRow", "RobustnessResult",
+           "perturb", "perturbed_input", "run_suite", "ZOOM_ROWS"]
 
 #: Row names in report order; ``clean`` first. Parameters are fixed: results
 #: are comparable between models and runs.
@@ -41,14 +50,49 @@ PERTURBATIONS: tuple[str, ...] = (
     "shift_8", "rotate_+10", "rotate_-10",
     "gamma_0.7", "gamma_1.4",
     "blur", "noise", "jpeg_30", "down_up_half",
+    "border_black_2", "border_black_3", "border_black_5",
+    "letterbox_tb_10", "letterbox_lr_10", "border_white_3",
+    "corner_black_15", "text_label", "marker_lr",
 )
 ZOOM_ROWS = tuple(n for n in PERTURBATIONS if n.startswith("zoom"))
+#: Rows that add borders, bars, blackouts or burned-in text to the frame.
+BORDER_ROWS = tuple(n for n in PERTURBATIONS
+                    if n.startswith(("border_", "letterbox_", "corner_")) or n in (
+                        "text_label", "marker_lr"))
+#: Every framing row: the ones the threshold rule and the release criteria hold on.
+FRAMING_ROWS = ZOOM_ROWS + BORDER_ROWS
 
 
 def _affine(gray: np.ndarray, matrix: np.ndarray) -> np.ndarray:
     h, w = gray.shape
     return cv2.warpAffine(gray, matrix, (w, h), flags=cv2.INTER_LINEAR,
                           borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+
+
+def _pad(gray: np.ndarray, top: float, bottom: float, left: float, right: float,
+         value: int = 0) -> np.ndarray:
+    # each margin is a fraction of the side it extends (at least one pixel when > 0)
+    h, w = gray.shape
+
+    def px(f: float, side: int) -> int:
+        return max(int(round(f * side)), 1) if f > 0 else 0
+
+    return cv2.copyMakeBorder(gray, px(top, h), px(bottom, h), px(left, w), px(right, w),
+                              cv2.BORDER_CONSTANT, value=value)
+
+
+def _burn_text(gray: np.ndarray, text: str, corner: int) -> np.ndarray:
+    # white text with a dark outline, about 5 % of the image height, in a top corner
+    h, w = gray.shape
+    out = gray.copy()
+    scale = max(h, w) / 600.0
+    thick = max(int(round(2 * scale)), 1)
+    (tw, th), _ = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, scale, thick)
+    x = int(0.03 * w) if corner % 2 == 0 else max(w - tw - int(0.03 * w), 0)
+    y = int(0.04 * h) + th
+    cv2.putText(out, text, (x, y), cv2.FONT_HERSHEY_SIMPLEX, scale, 0, thick * 3, cv2.LINE_AA)
+    cv2.putText(out, text, (x, y), cv2.FONT_HERSHEY_SIMPLEX, scale, 255, thick, cv2.LINE_AA)
+    return out
 
 
 def _seed_of(key: str) -> int:
@@ -97,6 +141,26 @@ def perturb(gray: np.ndarray, name: str, seed: int = 0) -> np.ndarray:
     if name == "down_up_half":
         small = cv2.resize(gray, (max(w // 2, 1), max(h // 2, 1)), interpolation=cv2.INTER_AREA)
         return cv2.resize(small, (w, h), interpolation=cv2.INTER_LINEAR)
+    if name.startswith("border_"):
+        _, colour, pct = name.split("_")
+        f = int(pct) / 100.0
+        return _pad(gray, f, f, f, f, 0 if colour == "black" else 255)
+    if name == "letterbox_tb_10":
+        return _pad(gray, 0.10, 0.10, 0.0, 0.0)
+    if name == "letterbox_lr_10":
+        return _pad(gray, 0.0, 0.0, 0.10, 0.10)
+    if name == "corner_black_15":
+        corner = seed % 4
+        ch, cw = max(int(round(0.15 * h)), 1), max(int(round(0.15 * w)), 1)
+        out = gray.copy()
+        ys = slice(0, ch) if corner < 2 else slice(h - ch, h)
+        xs = slice(0, cw) if corner % 2 == 0 else slice(w - cw, w)
+        out[ys, xs] = 0
+        return out
+    if name == "text_label":
+        return _burn_text(gray, "PORTABLE AP 14:32", seed % 2)
+    if name == "marker_lr":
+        return _burn_text(gray, "R" if seed % 2 else "L", seed // 2 % 2)
     raise ValueError(f"unknown perturbation {name!r}; choose from {', '.join(PERTURBATIONS)}")
 
 

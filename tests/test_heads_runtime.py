@@ -271,3 +271,21 @@ def test_full_disk_keeps_the_previous_report_set(tmp_path, tiny_model, monkeypat
     assert res.exit_code == EXIT_USAGE
     assert "No space left on device" in res.output and "left as they were" in res.output
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # no temp files either
+
+
+def test_least_certain_gallery_ranks_by_logit_distance_from_the_threshold():
+    from pneumo_edge.predict import Prediction, PredictionRun
+    from pneumo_edge.report import _gallery_groups
+
+    def pred(name, p):
+        return Prediction(name, p, "PNEUMONIA" if p >= 0.9812 else "NORMAL", 0.9812, None)
+
+    probs = {"saturated": 1.0, "near_one": 0.9999, "at_threshold": 0.981, "half": 0.5,
+             "low": 0.02, "zero": 0.0}
+    run = PredictionRun(model={"threshold": 0.9812}, predictions=[pred(k, v) for k, v in
+                                                                   probs.items()],
+                        failures=[], batch_size=1, seconds=1.0, model_ms_per_image=[1.0],
+                        metrics=None)
+    order = [p.path for p in _gallery_groups(run)["least certain"]]
+    # on the probability scale 1.0 (0.019 away) would come before 0.5 (0.48 away)
+    assert order == ["at_threshold", "half", "near_one", "low", "saturated", "zero"]

@@ -45,6 +45,45 @@ def test_zoom_rows_crop_and_add_black_border():
     assert g.mean() < img.mean()  # gamma > 1 darkens mid-greys
 
 
+def test_border_rows_pad_the_frame_and_keep_the_content():
+    img = np.full((100, 200), 180, np.uint8)
+    b3 = perturb(img, "border_black_3")
+    assert b3.shape == (106, 212)  # 3 % of each side on every side
+    assert b3[:3].max() == 0 and b3[:, :6].max() == 0 and b3[-3:].max() == 0
+    assert np.array_equal(b3[3:103, 6:206], img)  # the X-ray itself is untouched
+    assert perturb(img, "border_black_2").shape == (104, 208)
+    assert perturb(img, "border_black_5").shape == (110, 220)
+    white = perturb(img, "border_white_3")
+    assert white[0, 0] == 255 and white[50, 100] == 180
+    tb = perturb(img, "letterbox_tb_10")
+    assert tb.shape == (120, 200) and tb[:10].max() == 0 and tb[-10:].max() == 0
+    lr = perturb(img, "letterbox_lr_10")
+    assert lr.shape == (100, 240) and lr[:, :20].max() == 0 and lr[:, -20:].max() == 0
+
+
+def test_corner_blackout_follows_the_seed():
+    img = np.full((100, 100), 200, np.uint8)
+    corners = set()
+    for seed in range(4):
+        out = perturb(img, "corner_black_15", seed)
+        assert out.shape == img.shape
+        assert int((out == 0).sum()) == 15 * 15  # one 15 % x 15 % rectangle
+        ys, xs = np.nonzero(out == 0)
+        corners.add((int(ys.min()), int(xs.min())))
+    assert corners == {(0, 0), (0, 85), (85, 0), (85, 85)}
+
+
+def test_burned_in_text_changes_only_a_top_corner():
+    img = np.full((400, 400), 100, np.uint8)
+    for name in ("text_label", "marker_lr"):
+        for seed in (0, 1, 2, 3):
+            out = perturb(img, name, seed)
+            changed = np.argwhere(out != img)
+            assert changed.size, name
+            assert changed[:, 0].max() < 0.2 * 400, name  # in the top fifth
+            assert (out == 255).any() and (out < 100).any(), name  # white glyphs, dark outline
+
+
 def test_noise_is_seeded():
     img = np.full((40, 40), 100, np.uint8)
     assert np.array_equal(perturb(img, "noise", 5), perturb(img, "noise", 5))

@@ -144,22 +144,66 @@ def test_one_epoch_run_folder(data_dir, tmp_path):
     assert train_p and val_p and not train_p & val_p
     val = json.loads((run / "val_metrics.json").read_text())
     assert 0.0 <= val["threshold"] <= 1.0
-    assert val["threshold_rule"] == "worst_row_youden_plateau(7 rows)"
-    assert set(val["shifted_metrics"]) == {"zoom_in_5", "zoom_in_10", "zoom_in_15",
-                                           "zoom_out_5", "zoom_out_10", "zoom_out_15"}
+    from pneumo_edge.robustness import FRAMING_ROWS
+    assert val["threshold_rule"] == f"worst_row_youden_plateau({1 + len(FRAMING_ROWS)} rows)"
+    assert set(val["shifted_metrics"]) == set(FRAMING_ROWS)
+    assert {"border_black_3", "letterbox_lr_10", "text_label"} <= set(FRAMING_ROWS)
     cal = val["calibration"]
     assert cal["temperature"] > 0 and 0.0 <= cal["ece_after"] <= 1.0
     with open(run / "history.csv") as fh:
         hist = list(csv.DictReader(fh))
     robust = float(hist[0]["val_robust_auc"])
     assert robust == pytest.approx(min(float(hist[0][f"val_{r}_auc"])
-                                       for r in ("clean", "zoom_in_15", "zoom_out_15")))
+                                       for r in ("clean", "zoom_in_15", "zoom_out_15",
+                                                 "border_black_3")))
     assert val["metrics"]["n_labelled"] == len(val_p) * 2 == result.n_val
     assert set(val["metrics"]) >= {"auc", "recall", "specificity", "accuracy"}
     cfg = json.loads((run / "config.json").read_text())
     assert cfg["arch"] == "resnet_tiny" and cfg["img_size"] == 32
     assert len(seen) == 1 and "val_auc" in seen[0] and "learning_rate" in seen[0]
     assert seen[0]["epoch_seconds"] > 0
+
+
+def test_block_split_run_reports_both_views_in_bf16(data_dir, tmp_path):
+    train(tiny_cfg(data_dir, tmp_path / "run", split="block", precision="bf16", epochs=1,
+                   select_rows=("clean", "border_black_3")))
+    run = tmp_path / "run"
+    cfg = json.loads((run / "config.json").read_text())
+    assert cfg["split"] == "block" and cfg["precision_policy"] == "mixed_bfloat16"
+    with open(run / "split.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    block = [r for r in rows if r["part"] == "block"]
+    train_normals = [int(r["patient"].rsplit("-", 1)[1]) for r in rows
+                     if r["subset"] == "train" and r["label"] == "NORMAL"]
+    assert block and max(int(r["patient"].rsplit("-", 1)[1]) for r in block) < min(train_normals)
+    val = json.loads((run / "val_metrics.json").read_text())
+    assert set(val["views"]) == {"block", "patient"}
+    assert "x 2 views" in val["threshold_rule"]
+    n_pneu = sum(r["subset"] == "val" and r["label"] == "PNEUMONIA" for r in rows)
+    assert val["views"]["block"]["n"] == len(block) + n_pneu
+    assert set(val["views"]["block"]["shifted_metrics"]) == set(val["shifted_metrics"])
+    with open(run / "history.csv") as fh:
+        hist = list(csv.DictReader(fh))[0]
+    keys = [f"val_{r}_{v}_auc" for r in ("clean", "border_black_3") for v in ("block", "patient")]
+    assert float(hist["val_robust_auc"]) == pytest.approx(min(float(hist[k]) for k in keys))
+
+
+def test_precision_policy_resolution(monkeypatch):
+    from training import train as train_mod
+    assert train_mod.precision_policy("fp32", on_gpu=True) == "float32"
+    assert train_mod.precision_policy("auto", on_gpu=True) == "mixed_float16"
+    monkeypatch.setattr(train_mod, "cpu_has_bf16", lambda: True)
+    assert train_mod.precision_policy("auto", on_gpu=False) == "mixed_bfloat16"
+    monkeypatch.setattr(train_mod, "cpu_has_bf16", lambda: False)
+    assert train_mod.precision_policy("auto", on_gpu=False) == "float32"
+    # a 0.2 run folder's config resumes with its own precision
+    old = TrainConfig(data="d").to_dict()
+    old.pop("precision")
+    assert TrainConfig.from_dict(old | {"mixed_precision": "off"}).precision == "fp32"
+    with pytest.raises(ValueError, match="--precision"):
+        TrainConfig(data="d", precision="int4")
+    with pytest.raises(ValueError, match="--split"):
+        TrainConfig(data="d", split="random")
 
 
 def test_target_sensitivity_rule(data_dir, tmp_path):

@@ -29,6 +29,13 @@ class Sample:
     path: str
     label: int  # 1 = PNEUMONIA
     patient: str
+    # which validation view holds it (the block split): "block", "patient" or
+    # "both"; "" for training images and for the plain patient split
+    part: str = ""
+
+
+#: Validation views of ``split="block"``; a sample in part "both" is in each.
+VAL_PARTS = ("block", "patient")
 
 
 def patient_id(path: str | Path) -> str | None:
@@ -144,6 +151,78 @@ def patient_split(samples: list[Sample], val_fraction: float, seed: int
     return train, val
 
 
+def _patient_order(patient: str) -> tuple[str, int, str]:
+    # (family, number, id): "NORMAL2-IM-0456" -> ("NORMAL2-IM", 456, ...); an id
+    # without a trailing number (DICOM hash, file name) sorts by itself, number 0
+    m = re.match(r"^(.*?)-?(\d+)$", patient)
+    return (m.group(1), int(m.group(2)), patient) if m else (patient, 0, patient)
+
+
+def block_split(samples: list[Sample], val_fraction: float, seed: int
+                ) -> tuple[list[Sample], list[Sample]]:
+    """A validation split that imitates a later acquisition: two views, no patient leaks.
+
+    - ``block``: the earliest ``val_fraction`` of the NORMAL patients of each
+      name family (``IM-``, ``NORMAL2-IM-``, ...; ordered by patient number),
+      the way an earlier (or later) acquisition block differs from the rest;
+    - ``patient``: a random set of the remaining NORMAL patients, half as many
+      images (the plain patient-level view);
+    - both views share one stratified random set of PNEUMONIA patients
+      (``val_fraction`` of the PNEUMONIA images), tagged ``both``.
+
+    Validation samples carry their view in ``Sample.part``.
+
+    Raises:
+        DataError: too few patients for both views.
+    """
+    if not 0.0 < val_fraction < 0.5:
+        raise DataError("--val-fraction must be between 0 and 0.5 with --split block")
+    by_patient: dict[str, list[Sample]] = {}
+    for s in samples:
+        by_patient.setdefault(s.patient, []).append(s)
+    label_of = {p: int(round(np.mean([s.label for s in ss]))) for p, ss in by_patient.items()}
+    normals = sorted((p for p, lab in label_of.items() if lab == 0), key=_patient_order)
+    families: dict[str, list[str]] = {}
+    for p in normals:
+        families.setdefault(_patient_order(p)[0], []).append(p)
+    part: dict[str, str] = {}
+    for fam in families.values():  # every family gives its earliest patients
+        want, taken = val_fraction * sum(len(by_patient[p]) for p in fam), 0
+        for p in fam:
+            if taken >= want:
+                break
+            part[p] = "block"
+            taken += len(by_patient[p])
+    rng = np.random.default_rng(seed)
+    for label, tag, fraction in ((0, "patient", val_fraction / 2), (1, "both", val_fraction)):
+        group = sorted(p for p, lab in label_of.items() if lab == label and p not in part)
+        rng.shuffle(group)
+        want = fraction * sum(len(by_patient[p]) for p in group)
+        taken = 0
+        for p in group[:-1]:  # always leave at least one patient for training
+            if taken >= want:
+                break
+            part[p] = tag
+            taken += len(by_patient[p])
+    train = [s for s in samples if s.patient not in part]
+    val = [Sample(s.path, s.label, s.patient, part[s.patient]) for s in samples
+           if s.patient in part]
+    for name, tags in (("block", ("block", "both")), ("patient", ("patient", "both"))):
+        if len({s.label for s in val if s.part in tags}) < 2:
+            raise DataError(f"too few patients for the {name} validation view")
+    if len({s.label for s in train}) < 2:
+        raise DataError("too few images for a split: the training set lacks a class")
+    return train, val
+
+
+def part_masks(val: list[Sample]) -> dict[str, np.ndarray]:
+    """Boolean masks over ``val`` for each validation view; empty for a plain split."""
+    parts = np.array([s.part for s in val])
+    if not (parts != "").any():
+        return {}
+    return {name: (parts == name) | (parts == "both") for name in VAL_PARTS}
+
+
 def class_weights(samples: list[Sample]) -> dict[int, float]:
     """Balanced weights n / (2 n_c), so each class contributes equally to the loss."""
     labels = np.array([s.label for s in samples])
@@ -154,10 +233,10 @@ def class_weights(samples: list[Sample]) -> dict[int, float]:
 def write_split(path: Path, train: list[Sample], val: list[Sample]) -> None:
     with open(path, "w", newline="", encoding="utf-8") as fh:
         w = csv.writer(fh)
-        w.writerow(["path", "patient", "label", "subset"])
-        for subset, part in (("train", train), ("val", val)):
-            for s in part:
-                w.writerow([s.path, s.patient, CLASS_NAMES[s.label], subset])
+        w.writerow(["path", "patient", "label", "subset", "part"])
+        for subset, group in (("train", train), ("val", val)):
+            for s in group:
+                w.writerow([s.path, s.patient, CLASS_NAMES[s.label], subset, s.part])
 
 
 def read_split(path: Path) -> tuple[list[Sample], list[Sample]]:
@@ -165,7 +244,8 @@ def read_split(path: Path) -> tuple[list[Sample], list[Sample]]:
     val: list[Sample] = []
     with open(path, newline="", encoding="utf-8") as fh:
         for row in csv.DictReader(fh):
-            s = Sample(row["path"], int(row["label"] == "PNEUMONIA"), row["patient"])
+            s = Sample(row["path"], int(row["label"] == "PNEUMONIA"), row["patient"],
+                       row.get("part") or "")
             (val if row["subset"] == "val" else train).append(s)
     return train, val
 

@@ -23,11 +23,13 @@ from pneumo_edge.metrics import (apply_temperature, binary_metrics, choose_thres
 from pneumo_edge.preprocess import PreprocessConfig, to_model_input
 
 from .augment import AugmentConfig, make_augment
-from .data import (CLASS_NAMES, class_weights, discover, load_arrays, make_dataset,
-                   patient_split, read_split, write_split)
+from .data import (CLASS_NAMES, block_split, class_weights, discover, load_arrays,
+                   make_dataset, part_masks, patient_split, read_split, write_split)
 
 
 SCHEDULES = ("cosine", "plateau")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+SPLITS = ("patient", "block")
 STRATEGIES = ("auto", "mirrored", "default", "multiworker")
 
 
@@ -57,13 +59,18 @@ class TrainConfig:
     class_balance: bool = True
     max_images: int | None = None  # subsample (stratified) for quick experiments
     strategy: str = "auto"       # "auto", "mirrored", "default", "multiworker"
-    mixed_precision: str = "auto"  # "auto" (on GPU), "on", "off"
+    # compute precision of training (weights stay float32): "auto" is bf16 on CPUs
+    # with bf16 instructions, fp16 on GPUs, fp32 elsewhere; export is always float32
+    precision: str = "auto"
+    # "patient": a random patient-level split; "block": the earliest NORMAL patients
+    # of each name family held out too (training.data.block_split), two views
+    split: str = "patient"
     # exponential moving average of the weights (0: off); the averaged weights are
     # the ones evaluated, checkpointed and exported
     ema_decay: float = 0.998
     # the checkpoint is chosen on the worst validation AUC over these rows of the
     # robustness suite (pneumo_edge.robustness), not on clean validation alone
-    select_rows: tuple[str, ...] = ("clean", "zoom_in_15", "zoom_out_15")
+    select_rows: tuple[str, ...] = ("clean", "zoom_in_15", "zoom_out_15", "border_black_3")
     # "robust": the worst-row Youden plateau over clean + every zoom row;
     # "clean": the Youden plateau on clean validation (the 0.1 rule)
     threshold_rule: str = "robust"
@@ -83,7 +90,8 @@ class TrainConfig:
         one_of("arch", self.arch, tuple(MODELS))
         one_of("schedule", self.schedule, SCHEDULES)
         one_of("strategy", self.strategy, STRATEGIES)
-        one_of("mixed_precision", self.mixed_precision, ("auto", "on", "off"))
+        one_of("precision", self.precision, PRECISIONS)
+        one_of("split", self.split, SPLITS)
         one_of("threshold_rule", self.threshold_rule, ("robust", "clean"))
         for row in self.select_rows:
             one_of("select_rows", row, PERTURBATIONS)
@@ -111,6 +119,9 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
         known = {f.name for f in fields(cls)}
+        legacy = {"on": "fp16", "off": "fp32", "auto": "auto"}  # mixed_precision (0.2)
+        if "precision" not in d and d.get("mixed_precision") in legacy:
+            d = d | {"precision": legacy[d["mixed_precision"]]}
         d = {k: v for k, v in d.items() if k in known}
         d["augment"] = AugmentConfig.from_dict(d.get("augment", {}))
         if "select_rows" in d:
@@ -240,6 +251,22 @@ def select_strategy(kind: str = "auto"):
     return tf.distribute.get_strategy(), devices
 
 
+def cpu_has_bf16() -> bool:
+    """Whether this CPU has bf16 instructions (AVX-512 BF16 or AMX), from /proc/cpuinfo."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text(errors="replace")
+    except OSError:
+        return False
+    return any(f in flags.split() for f in ("avx512_bf16", "amx_bf16"))
+
+
+def precision_policy(precision: str, on_gpu: bool) -> str:
+    """The Keras dtype policy for ``TrainConfig.precision`` on this machine."""
+    if precision == "auto":
+        precision = "fp16" if on_gpu else ("bf16" if cpu_has_bf16() else "fp32")
+    return {"fp32": "float32", "bf16": "mixed_bfloat16", "fp16": "mixed_float16"}[precision]
+
+
 def _subsample(samples, n, seed):
     rng = np.random.default_rng(seed)
     idx = rng.permutation(len(samples))[:n]
@@ -310,7 +337,8 @@ def _best_val_auc(history_csv: Path) -> float | None:
 
 
 def _make_select_callback(keras, run_dir: Path, select_sets: dict, decay: float,
-                          best_so_far: float | None, batch_size: int, local_copy=None):
+                          best_so_far: float | None, batch_size: int, local_copy=None,
+                          views: dict | None = None):
     """EMA of the weights, and checkpoint selection on the worst AUC over shifted validation.
 
     After every epoch the averaged weights (or the raw ones with ``decay`` 0)
@@ -323,6 +351,10 @@ def _make_select_callback(keras, run_dir: Path, select_sets: dict, decay: float,
     MultiWorkerMirroredStrategy the distributed ``predict`` would see only this
     worker's shard; each worker then predicts the whole set with the copy, so
     all of them take the same checkpoint and early-stopping decisions.
+
+    ``views`` (name -> mask over the validation images, the block split's): each
+    set's AUC is then taken within each view (``val_<name>_<view>_auc``), and
+    the smallest over sets and views selects.
     """
     import tensorflow as tf
 
@@ -361,9 +393,12 @@ def _make_select_callback(keras, run_dir: Path, select_sets: dict, decay: float,
                     judge = local_copy
                 for name, (x, y) in select_sets.items():
                     p = judge.predict(x, batch_size=batch_size, verbose=0).reshape(-1)
-                    aucs[name] = roc_auc(y, p) or 0.0
-                    if logs is not None:
-                        logs[f"val_{name}_auc"] = aucs[name]
+                    for view, mask in (views or {"": None}).items():
+                        key = f"{name}_{view}" if view else name
+                        aucs[key] = (roc_auc(y, p) if mask is None
+                                     else roc_auc(y[mask], p[mask])) or 0.0
+                        if logs is not None:
+                            logs[f"val_{key}_auc"] = aucs[key]
                 score = min(aucs.values())
                 if logs is not None:
                     logs[SELECT_KEY] = score
@@ -378,7 +413,7 @@ def _make_select_callback(keras, run_dir: Path, select_sets: dict, decay: float,
 
 
 def _fit(cfg: TrainConfig, run_dir: Path, strategy, train_s, val_ds, select_sets: dict,
-         history_csv: Path, resume: bool, on_epoch) -> float:
+         history_csv: Path, resume: bool, on_epoch, views: dict | None = None) -> float:
     """Build, compile and fit the model with its callbacks; returns the seconds spent."""
     import keras
     import tensorflow as tf
@@ -440,7 +475,7 @@ def _fit(cfg: TrainConfig, run_dir: Path, strategy, train_s, val_ds, select_sets
         keras.callbacks.BackupAndRestore(str(run_dir / "backup")),
         _LogEpoch(),
         _make_select_callback(keras, run_dir, select_sets, cfg.ema_decay, best_so_far,
-                              cfg.batch_size, local_copy),
+                              cfg.batch_size, local_copy, views),
         keras.callbacks.EarlyStopping(monitor=SELECT_KEY, mode="max", patience=cfg.patience,
                                       restore_best_weights=False),
         keras.callbacks.CSVLogger(str(history_csv), append=resume),
@@ -529,8 +564,8 @@ def train(cfg: TrainConfig, *, resume: bool = False,
     chief_dir, run_dir = run_dir, role.folder(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     on_gpu = any("GPU" in d for d in devices)
-    mixed = cfg.mixed_precision == "on" or (cfg.mixed_precision == "auto" and on_gpu)
-    keras.mixed_precision.set_global_policy("mixed_float16" if mixed else "float32")
+    policy = precision_policy(cfg.precision, on_gpu)
+    keras.mixed_precision.set_global_policy(policy)
 
     pre = cfg.preprocess
     split_csv = run_dir / "split.csv"
@@ -540,12 +575,14 @@ def train(cfg: TrainConfig, *, resume: bool = False,
     else:
         if cfg.max_images and cfg.max_images < len(samples):
             samples = _subsample(samples, cfg.max_images, cfg.seed)
-        train_s, val_s = patient_split(samples, cfg.val_fraction, cfg.seed)
+        splitter = block_split if cfg.split == "block" else patient_split
+        train_s, val_s = splitter(samples, cfg.val_fraction, cfg.seed)
         write_split(split_csv, train_s, val_s)
     from . import environment
 
     cfg_dict = cfg.to_dict() | {"versions": environment(), "devices": devices,
-                                "mixed_precision_used": mixed,
+                                "precision_policy": policy,
+                                "mixed_precision_used": policy != "float32",
                                 "no_patient_files": no_patient,
                                 "n_train": len(train_s), "n_val": len(val_s),
                                 "class_names": list(CLASS_NAMES)}
@@ -557,12 +594,13 @@ def train(cfg: TrainConfig, *, resume: bool = False,
     val_ds = make_dataset(x_val, y_val, pre, batch_size=cfg.batch_size, training=False,
                           seed=cfg.seed)
     select_sets = {row: (val_inputs(row), y_val) for row in cfg.select_rows}
+    views = part_masks(val_s)
     history_csv = run_dir / "history.csv"
     # resuming a finished run re-evaluates its best checkpoint (e.g. a new threshold rule)
     finished = (resume and (run_dir / "val_metrics.json").exists()
                 and not (run_dir / "backup").exists())
     seconds = 0.0 if finished else _fit(cfg, run_dir, strategy, train_s, val_ds, select_sets,
-                                        history_csv, resume, on_epoch)
+                                        history_csv, resume, on_epoch, views)
     if not role.chief:  # the chief evaluates, calibrates and writes the results
         import shutil
         epochs_run = len(_read_history(history_csv))
@@ -613,21 +651,33 @@ def finish_run(run_dir: Path, cfg: TrainConfig, val_inputs: Callable[[str], np.n
     rows = {"clean": val_inputs("clean")}
     calibration = _calibrate(best, run_dir, cfg, rows["clean"], y_val) if cfg.calibrate else {}
     if cfg.threshold_rule == "robust" and cfg.target_sensitivity is None:
-        from pneumo_edge.robustness import ZOOM_ROWS
-        rows |= {row: val_inputs(row) for row in ZOOM_ROWS}
+        from pneumo_edge.robustness import FRAMING_ROWS
+        rows |= {row: val_inputs(row) for row in FRAMING_ROWS}
     by_row = {row: best.predict(x, batch_size=cfg.batch_size, verbose=0).reshape(-1)
               for row, x in rows.items()}
     probs = by_row["clean"]
+    views = part_masks(val_s)
     if len(by_row) > 1:
-        threshold, rule = choose_threshold_robust(y_val, by_row)
+        threshold, rule = choose_threshold_robust(y_val, by_row, views or None)
     else:
         threshold, rule = choose_threshold(y_val, probs, cfg.target_sensitivity)
-    metrics = binary_metrics(y_val, probs, threshold).to_dict()
-    shifted = {row: binary_metrics(y_val, p, threshold).to_dict() for row, p in by_row.items()
-               if row != "clean"}
+
+    def scored(mask=None) -> tuple[dict, dict]:
+        y = y_val if mask is None else y_val[mask]
+        pick = (lambda p: p) if mask is None else (lambda p: p[mask])
+        return (binary_metrics(y, pick(probs), threshold).to_dict(),
+                {row: binary_metrics(y, pick(p), threshold).to_dict()
+                 for row, p in by_row.items() if row != "clean"})
+
+    metrics, shifted = scored()
     val = {"threshold": threshold, "threshold_rule": rule, "metrics": metrics,
            "shifted_metrics": shifted, "calibration": calibration} | extra | {
            "n_val": len(val_s), "n_val_patients": len({s.patient for s in val_s})}
+    if views:  # each view's own table: the block view is the honest imitation of a new site
+        val["views"] = {}
+        for view, mask in views.items():
+            m, sh = scored(mask)
+            val["views"][view] = {"n": int(mask.sum()), "metrics": m, "shifted_metrics": sh}
     _write_json(run_dir / "val_metrics.json", val)
     np.save(run_dir / "val_probs.npy", probs.astype(np.float32))
     return val
