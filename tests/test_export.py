@@ -232,7 +232,8 @@ def test_robustness_suite_in_metadata(exported):
     out, result = exported
     meta = {r.precision: read_metadata(r.path)[0] for r in result.files}
     rows = [row["perturbation"] for row in meta["fp32"]["robustness"]["rows"]]
-    assert rows[0] == "clean" and "zoom_out_10" in rows and len(rows) == 16
+    from pneumo_edge.robustness import PERTURBATIONS
+    assert rows == list(PERTURBATIONS) and "border_black_3" in rows
     int8 = meta["int8"]["robustness"]
     assert set(int8["agreement_with_fp32"]) == set(rows)
     assert int8["min_agreement_with_fp32"] == min(int8["agreement_with_fp32"].values())
