@@ -595,6 +595,66 @@ def benchmark(
                       highlight=False)
 
 
+@app.command()
+def serve(
+    model: Annotated[Optional[Path], typer.Option("--model", "-m", help="ONNX model with pneumo_edge metadata (default: the release model).")] = None,
+    host: Annotated[str, typer.Option(help="Address of both listeners; 127.0.0.1 keeps them on this machine.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=0, max=65535, help="HTTP port.")] = 8000,
+    dicom_port: Annotated[Optional[int], typer.Option(min=0, max=65535, help="DICOM port (C-ECHO, C-STORE); none: no DICOM side.")] = None,
+    ae_title: Annotated[str, typer.Option(help="This server's DICOM AE title.")] = "PNEUMO_EDGE",
+    allow_ae: Annotated[Optional[list[str]], typer.Option("--allow-ae", help="Accept associations only from this calling AE title (repeat the option).")] = None,
+    spool: Annotated[Path, typer.Option(help="Folder for received instances, results.sqlite and reports to forward.")] = Path("pneumo_edge_spool"),
+    keep_spool: Annotated[bool, typer.Option("--keep-spool", help="Keep received instances (spool/kept) after their result is stored.")] = False,
+    token_file: Annotated[Optional[Path], typer.Option(help="File holding the bearer token the /v1 routes require (at least 16 characters).")] = None,
+    max_batch: Annotated[int, typer.Option(min=1, max=1024, help="Images per model run, at most.")] = 8,
+    max_wait_ms: Annotated[float, typer.Option(min=0.0, max=10000.0, help="How long a batch waits to fill after its first image.")] = 5.0,
+    queue: Annotated[int, typer.Option(min=1, help="Images admitted and unfinished, at most; beyond: HTTP 503 / DICOM A700 at once.")] = 64,
+    max_body_mb: Annotated[float, typer.Option(min=0.001, max=1024.0, help="HTTP bodies above this get 413.")] = 64.0,
+    body_timeout_s: Annotated[float, typer.Option(min=0.1, help="An HTTP body not received within this gets 408.")] = 30.0,
+    max_connections: Annotated[int, typer.Option(min=1, help="Concurrent HTTP connections; beyond: 503.")] = 128,
+    dicom_timeout_s: Annotated[float, typer.Option(min=0.1, help="DICOM network timeout: a stalled sender is dropped.")] = 30.0,
+    forward: Annotated[Optional[str], typer.Option(help="Send a DICOM Structured Report per result to AE@host:port.")] = None,
+    workers: Annotated[int, typer.Option(min=1, max=64, help="Decoding threads.")] = 2,
+    threads: Annotated[Optional[int], typer.Option(min=1, help="onnxruntime intra-op threads (default: physical cores).")] = None,
+    device: Annotated[Device, typer.Option(help="auto: CUDA only if it really loads, else CPU.")] = Device.auto,
+    log_level: Annotated[str, typer.Option(help="debug, info, warning or error.")] = "info",
+):
+    """Serve predictions over HTTP (and DICOM with --dicom-port) until SIGTERM or Ctrl-C
+    (needs the [bold]serve[/] extra). See docs/serve.md."""
+    try:
+        from .serve import ServeConfig, ServeError, parse_forward, run_server
+        import fastapi, pynetdicom, uvicorn  # noqa: F401, E401 - fail here, with the fix
+    except ImportError as exc:
+        raise _fail(f"serve needs the serve extra (pip install 'pneumo-edge[serve]'): {exc}")
+    if log_level.lower() not in ("debug", "info", "warning", "error"):
+        raise _fail(f"--log-level {log_level!r}: choose debug, info, warning or error")
+    try:
+        cfg = ServeConfig(model=_resolve_model(model), host=host, port=port,
+                          dicom_port=dicom_port, ae_title=ae_title,
+                          allowed_aes=tuple(allow_ae or ()), spool=spool, keep_spool=keep_spool,
+                          token_file=token_file, max_batch=max_batch, max_wait_ms=max_wait_ms,
+                          queue=queue, max_body_mb=max_body_mb, body_timeout_s=body_timeout_s,
+                          max_connections=max_connections, dicom_timeout_s=dicom_timeout_s,
+                          workers=workers, threads=threads, device=device.value,
+                          forward=None if forward is None else parse_forward(forward),
+                          log_level=log_level.lower())
+
+        def started(where: dict) -> None:
+            h, p = where["http"]
+            line = f"serving http://{h}:{p}"
+            if where["dicom"]:
+                line += f" and DICOM {ae_title}@{where['dicom'][0]}:{where['dicom'][1]}"
+            if where["recovered"]:
+                line += f"; {where['recovered']} instances recovered from the spool"
+            err.print(plain(line), highlight=False)
+
+        result = run_server(cfg, on_started=started)
+    except ServeError as exc:
+        raise _fail(str(exc))
+    if result.signal == "SIGINT":
+        raise typer.Exit(EXIT_INTERRUPTED)
+
+
 def main() -> None:
     """Entry point: anything not already turned into a one-line error becomes one here.
 
