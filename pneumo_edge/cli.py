@@ -614,6 +614,7 @@ def serve(
     max_connections: Annotated[int, typer.Option(min=1, help="Concurrent HTTP connections; beyond: 503.")] = 128,
     dicom_timeout_s: Annotated[float, typer.Option(min=0.1, help="DICOM network timeout: a stalled sender is dropped.")] = 30.0,
     forward: Annotated[Optional[str], typer.Option(help="Send a DICOM Structured Report per result to AE@host:port.")] = None,
+    forward_retries: Annotated[int, typer.Option(min=1, help="Attempts per report (backoff 1 s doubling to 60 s) before spool/dead-letter.")] = 8,
     workers: Annotated[int, typer.Option(min=1, max=64, help="Decoding threads.")] = 2,
     threads: Annotated[Optional[int], typer.Option(min=1, help="onnxruntime intra-op threads (default: physical cores).")] = None,
     device: Annotated[Device, typer.Option(help="auto: CUDA only if it really loads, else CPU.")] = Device.auto,
@@ -637,6 +638,7 @@ def serve(
                           max_connections=max_connections, dicom_timeout_s=dicom_timeout_s,
                           workers=workers, threads=threads, device=device.value,
                           forward=None if forward is None else parse_forward(forward),
+                          forward_retries=forward_retries,
                           log_level=log_level.lower())
 
         def started(where: dict) -> None:

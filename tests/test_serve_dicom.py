@@ -282,3 +282,76 @@ def test_a_full_queue_refuses_instances_with_out_of_resources(serve, tmp_path, m
     assert wait_until(lambda: finished(server, first.SOPInstanceUID))["status"] == "done"
     assert store(server.dicom[1], [second]) == [0]  # the sender's retry is taken
     assert wait_until(lambda: finished(server, second.SOPInstanceUID))["status"] == "done"
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_forwarding_a_structured_report_when_the_destination_is_down_at_first(serve, tmp_path,
+                                                                               variants):
+    from pynetdicom import AE, evt
+
+    from pneumo_edge.serve import parse_forward
+    from pneumo_edge.serve.forward import COMPREHENSIVE_SR
+
+    port = free_port()
+    server = serve(RELEASE_INT8, dicom_port=0, forward=parse_forward(f"PACS@127.0.0.1:{port}"),
+                   forward_backoff_s=0.2, forward_retries=50)
+    ds = pydicom.dcmread(variants["mono2_8bit_explicit"])
+    assert store(server.dicom[1], [ds]) == [0]
+    done = wait_until(lambda: finished(server, ds.SOPInstanceUID))
+    assert done["status"] == "done"
+
+    def retries() -> float:
+        text = httpx.get(server.url + "/metrics", timeout=10).text
+        for line in text.splitlines():
+            if line.startswith('pneumo_edge_forwarded_reports_total{outcome="retry"}'):
+                return float(line.rsplit(" ", 1)[1])
+        return 0.0
+
+    wait_until(lambda: retries() >= 1)  # the destination is down: retried, not lost
+    assert [p.name for p in (server.cfg.spool / "outbox").iterdir()] == \
+        [f"{ds.SOPInstanceUID}.dcm"]
+    received = []
+    pacs = AE(ae_title="PACS")
+    pacs.add_supported_context(COMPREHENSIVE_SR, ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2"])
+    handler = (evt.EVT_C_STORE, lambda event: (received.append(event.dataset), 0)[1])
+    receiver = pacs.start_server(("127.0.0.1", port), block=False, evt_handlers=[handler])
+    try:
+        wait_until(lambda: received, timeout=60)
+    finally:
+        receiver.shutdown()
+    sr = received[0]
+    assert sr.SOPClassUID == COMPREHENSIVE_SR and sr.VerificationFlag == "UNVERIFIED"
+    assert sr.StudyInstanceUID == ds.StudyInstanceUID and sr.Modality == "SR"
+    items = {it.ConceptNameCodeSequence[0].CodeValue: it for it in sr.ContentSequence}
+    assert float(items["P-001"].MeasuredValueSequence[0].FloatingPointValue) == \
+        done["probability"]
+    assert float(items["P-002"].MeasuredValueSequence[0].FloatingPointValue) == done["threshold"]
+    finding = items["121071"].ConceptCodeSequence[0].CodeMeaning
+    assert finding == ("Pneumonia" if done["label"] == "PNEUMONIA" else "Normal")
+    assert items["121112"].ReferencedSOPSequence[0].ReferencedSOPInstanceUID == ds.SOPInstanceUID
+    assert load_model(RELEASE_INT8).sha256 in items["111003"].TextValue
+    wait_until(lambda: result(server, ds.SOPInstanceUID).get("forwarded") == "sent")
+    assert list((server.cfg.spool / "outbox").iterdir()) == []
+
+
+def test_a_report_nobody_takes_goes_to_the_dead_letter_folder(serve, tmp_path, variants):
+    from pneumo_edge.serve import parse_forward
+
+    tiny = make_tiny_onnx(tmp_path / "tiny.onnx")
+    server = serve(tiny, dicom_port=0, forward=parse_forward(f"PACS@127.0.0.1:{free_port()}"),
+                   forward_backoff_s=0.05, forward_retries=3)
+    ds = pydicom.dcmread(variants["mono1_8bit"])
+    assert store(server.dicom[1], [ds]) == [0]
+    wait_until(lambda: (result(server, ds.SOPInstanceUID) or {}).get("forwarded")
+               == "dead-letter", timeout=60)
+    assert [p.name for p in (server.cfg.spool / "dead-letter").iterdir()] == \
+        [f"{ds.SOPInstanceUID}.dcm"]
+    assert list((server.cfg.spool / "outbox").iterdir()) == []
+    assert result(server, ds.SOPInstanceUID)["status"] == "done"
