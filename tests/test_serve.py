@@ -195,6 +195,11 @@ def test_http_error_statuses_are_one_line_json(serve, tiny, tmp_path):
             assert r.status_code == status, (words, r.text)
             err = r.json()["error"]
             assert words in err and "\n" not in err
+        # a decompression bomb (PNG claiming 40,000 x 40,000 px) is refused from its header
+        from test_images import _png_header_only
+        bomb = _png_header_only(tmp_path / "bomb.png", 40_000, 40_000, 8, 0).read_bytes()
+        r = c.post("/v1/predict", content=bomb)
+        assert r.status_code == 400 and "too large" in r.json()["error"]
         # a body without Content-Length (chunked) is cut at the limit too
         r = c.post("/v1/predict", content=iter([b"\x00" * 30_000] * 4))
         assert r.status_code == 413

@@ -176,7 +176,15 @@ def test_non_image_damaged_and_nested_instances_fail_cleanly(serve, tmp_path):
         outer.ContentSequence = Sequence([inner])
         inner = outer
     nested.ContentSequence = Sequence([inner])
-    assert store(port, [no_pixels, nested]) == [0, 0]
+    # a pixel bomb: 60,000 x 60,000 px claimed, a few bytes sent
+    bomb = F.base_dataset(ExplicitVRLittleEndian)
+    bomb.Rows = bomb.Columns = 60_000
+    bomb.SamplesPerPixel, bomb.PhotometricInterpretation = 1, "MONOCHROME2"
+    bomb.BitsAllocated, bomb.BitsStored, bomb.HighBit, bomb.PixelRepresentation = 16, 12, 11, 0
+    bomb.PixelData = b"\x00" * 1024
+    assert store(port, [no_pixels, nested, bomb]) == [0, 0, 0]
+    refused = wait_until(lambda: finished(server, bomb.SOPInstanceUID))
+    assert refused["status"] == "failed" and "too large" in refused["reason"]
     failed = wait_until(lambda: finished(server, no_pixels.SOPInstanceUID))
     assert failed["status"] == "failed" and "without pixel data" in failed["reason"]
     assert F.PATIENT_NAME not in json.dumps(failed)
