@@ -363,3 +363,24 @@ def test_a_report_nobody_takes_goes_to_the_dead_letter_folder(serve, tmp_path, v
         [f"{ds.SOPInstanceUID}.dcm"]
     assert list((server.cfg.spool / "outbox").iterdir()) == []
     assert result(server, ds.SOPInstanceUID)["status"] == "done"
+
+
+def test_a_stalled_sender_is_dropped_and_blocks_nobody(serve, tmp_path):
+    import socket
+
+    tiny = make_tiny_onnx(tmp_path / "tiny.onnx")
+    server = serve(tiny, dicom_port=0, dicom_timeout_s=1.0)
+    stalled = socket.create_connection(("127.0.0.1", server.dicom[1]), timeout=15)
+    stalled.sendall(b"\x01\x00\x00\x00")  # the start of an A-ASSOCIATE-RQ, then silence
+    t0 = time.monotonic()
+    ok = associate(server.dicom[1])  # another sender meanwhile: served at once
+    assert ok.is_established and int(ok.send_c_echo().Status) == 0
+    ok.release()
+    reply = b""
+    for _ in range(20):  # the server closes the stalled connection
+        chunk = stalled.recv(4096)
+        if not chunk:
+            break
+        reply += chunk
+    stalled.close()
+    assert time.monotonic() - t0 < 15

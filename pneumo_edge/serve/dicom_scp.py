@@ -106,7 +106,19 @@ def start_dicom(service: Service):
 
     handlers = [(evt.EVT_C_STORE, on_store)]
     try:
-        return ae.start_server((cfg.host, cfg.dicom_port), block=False, evt_handlers=handlers)
+        server = ae.start_server((cfg.host, cfg.dicom_port), block=False, evt_handlers=handlers)
     except OSError as exc:
         raise ServeError(f"--dicom-port {cfg.dicom_port}: cannot listen on {cfg.host} "
                          f"({exc.strerror or exc})") from None
+    # Accepted sockets are blocking without a timeout (Python's accept() does not pass the
+    # listening socket's on), and pynetdicom reads a PDU with a blocking recv loop: a
+    # sender that stops mid-PDU would hold its thread forever. A timeout per recv ends it.
+    accept = server.get_request
+
+    def get_request():
+        sock, address = accept()
+        sock.settimeout(cfg.dicom_timeout_s)
+        return sock, address
+
+    server.get_request = get_request
+    return server
