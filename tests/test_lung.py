@@ -298,3 +298,31 @@ def test_unet_converts_to_onnx_with_parity(keras_bits):
     got = sess.run(None, {"image": x})[0]
     assert got.shape == (3, S, S, 1)
     np.testing.assert_allclose(got, np.asarray(unet(x, training=False)), atol=1e-4)
+
+
+@pytest.mark.tf
+def test_stage_nodes_are_the_lung_stage_only(keras_bits):
+    import tensorflow as tf
+    import tf2onnx
+
+    keras, LungCrop, _, seg = keras_bits
+    from training.lungcrop import stage_nodes
+    from training.segmenter import build_unet
+
+    inp = keras.Input((F, F, 3), name="image")
+    crop_, box, area = LungCrop(build_unet(base=4, depth=2), name="lung_crop")(inp)
+    x = keras.layers.Conv2D(4, 3, name="cls_conv")(crop_)
+    x = keras.layers.GlobalAveragePooling2D(name="gap")(x)
+    out = keras.layers.Dense(1, activation="sigmoid", name="pneumonia_prob")(x)
+    model = keras.Model(inp, [out, box, area])
+    spec = [tf.TensorSpec([None, F, F, 3], tf.float32, name="image")]
+    proto, _ = tf2onnx.convert.from_keras(model, input_signature=spec, opset=17)
+    stage = set(stage_nodes(proto))
+    rest = [n.name for n in proto.graph.node if n.name not in stage]
+    assert any("Conv" in n.op_type for n in proto.graph.node if n.name in stage)  # segmenter
+    assert rest and all(any(k in r for k in ("cls_conv", "gap", "pneumonia_prob"))
+                        for r in rest), rest
+    # everything producing box and area is inside the stage
+    producer = {o: n.name for n in proto.graph.node for o in n.output}
+    for out_ in proto.graph.output[1:]:
+        assert producer[out_.name] in stage
