@@ -322,7 +322,9 @@ def overlay_montage(model, data: Path, out: Path, n_per_class: int = 15, seed: i
         t = red
         y0, x0, y1, x1 = (int(round(v * FRAME)) for v in b)
         cv2.rectangle(t, (x0, y0), (max(x0, x1 - 1), max(y0, y1 - 1)), (0, 255, 0), 1)
-        label = ("N" if k // 2 < n_per_class else "P") + f"{k // 2 + 1}" + (" +3%" if k % 2 else "")
+        j = k // 2
+        label = (f"N{j + 1}" if j < n_per_class else f"P{j - n_per_class + 1}") + \
+            (f" +{border:.0%}" if k % 2 else "")
         flag = lung_field_issue(b, float(a))
         cv2.putText(t, label + (" FLAG" if flag else ""), (3, 12), cv2.FONT_HERSHEY_SIMPLEX,
                     0.4, (0, 255, 255), 1, cv2.LINE_AA)
