@@ -23,16 +23,28 @@ __all__ = ["overlay", "write_overlay", "heatmap_name", "cam_mass_in_box", "norma
 
 
 def overlay(gray: np.ndarray, cam: np.ndarray, text: str | None = None, max_side: int = 512,
-            alpha: float = 0.4) -> np.ndarray:
-    """BGR uint8 image: ``gray`` (any size) with the upsampled map blended on top."""
+            alpha: float = 0.4, box=None) -> np.ndarray:
+    """BGR uint8 image: ``gray`` (any size) with the upsampled map blended on top.
+
+    ``box`` (y0, x0, y1, x1 fractions): the map covers only that part of the image
+    (the lung box a lung-field model classified); outside it the map reads as its
+    minimum, no evidence.
+    """
     h, w = gray.shape
     scale = min(1.0, max_side / max(h, w))
     if scale < 1.0:
         gray = cv2.resize(gray, (max(int(w * scale), 1), max(int(h * scale), 1)),
                           interpolation=cv2.INTER_AREA)
     h, w = gray.shape
-    heat = normalised(cv2.resize(np.asarray(cam, np.float32), (w, h),
-                                 interpolation=cv2.INTER_CUBIC))
+    if box is None:
+        heat = normalised(cv2.resize(np.asarray(cam, np.float32), (w, h),
+                                     interpolation=cv2.INTER_CUBIC))
+    else:
+        from .lung import heatmap_to_frame
+
+        # upsample within the crop first (as without a box), then place it on the image
+        fine = cv2.resize(np.asarray(cam, np.float32), (64, 64), interpolation=cv2.INTER_CUBIC)
+        heat = normalised(heatmap_to_frame(fine, box, (h, w)))
     colour = cv2.applyColorMap((np.clip(heat, 0, 1) * 255).astype(np.uint8), cv2.COLORMAP_JET)
     out = cv2.addWeighted(cv2.cvtColor(gray, cv2.COLOR_GRAY2BGR), 1.0 - alpha, colour, alpha, 0)
     if text:

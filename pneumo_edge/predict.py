@@ -18,6 +18,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from .images import ImageDecodeError, decode_gray, label_from_path
+from .lung import NO_LUNG_FIELD, lung_field_issue
 from .metrics import BinaryMetrics, binary_metrics, latency_summary
 from .preprocess import PreprocessConfig, resize_gray, to_model_input
 from .quality import input_warnings
@@ -44,6 +45,9 @@ class Prediction:
     dicom: dict | None = None
     #: class activation logits (h, w), float16, when the model has a ``cam`` output
     cam: np.ndarray | None = field(default=None, repr=False, compare=False)
+    #: the lung box the classifier saw, (y0, x0, y1, x1) fractions of the image, for
+    #: models with the lung-field stage (the heatmap covers this box)
+    lung_box: tuple[float, float, float, float] | None = None
 
     @property
     def flagged(self) -> bool:
@@ -148,12 +152,18 @@ def batch_records(items, out: dict, thr: float, ood_thr: float | None,
                 warns = tuple(warns) + (f"out of distribution (OOD score {ood:.1f} > "
                                         f"{ood_thr:.1f})",)
             ood = ood if np.isfinite(ood) else None
+        box = None
+        if out.get("lung_box") is not None:
+            box = tuple(round(float(v), 4) for v in out["lung_box"][i])
+            issue = lung_field_issue(box, float(out["lung_area"][i]))
+            if issue:
+                warns = tuple(warns) + (f"{NO_LUNG_FIELD}: {issue}",)
         if warns and flagged_as == "fail":
             records.append(Failure(str(p), FLAG_PREFIX + "; ".join(warns)))
             continue
         cam = None if out.get("cam") is None else out["cam"][i].astype(np.float16)
         records.append(Prediction(str(p), prob, "PNEUMONIA" if prob >= thr else "NORMAL", thr,
-                                  truth, ood, inside, tuple(warns), dicom, cam))
+                                  truth, ood, inside, tuple(warns), dicom, cam, box))
     return records
 
 
@@ -262,5 +272,5 @@ def _write_heatmap(folder: Path, index: int, pred: Prediction) -> str:
         return ""
     text = f"P(PNEUMONIA) {pred.probability:.3f}: {pred.label}"
     target = folder / heatmap_name(index, pred.path)
-    write_overlay(target, overlay(gray, pred.cam.astype(np.float32), text))
+    write_overlay(target, overlay(gray, pred.cam.astype(np.float32), text, box=pred.lung_box))
     return str(target)

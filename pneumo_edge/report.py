@@ -103,7 +103,7 @@ def _prediction_dict(p) -> dict:
             "truth": p.truth,
             "ood_score": None if p.ood_score is None else round(p.ood_score, 4),
             "in_distribution": p.in_distribution, "warnings": list(p.warnings),
-            "dicom": p.dicom}
+            "dicom": p.dicom} | ({} if p.lung_box is None else {"lung_box": list(p.lung_box)})
 
 
 #: The keys of report.json that other tools read; their names are fixed. More keys
@@ -292,7 +292,8 @@ def _thumbnail(p, size: int = 200) -> str | None:
     except (ImageDecodeError, OSError):
         return None
     if p.cam is not None:
-        img = overlay(gray, p.cam.astype(np.float32), None, max_side=size)
+        img = overlay(gray, p.cam.astype(np.float32), None, max_side=size,
+                      box=p.lung_box)
     else:
         scale = min(1.0, size / max(gray.shape))
         img = cv2.resize(gray, (max(int(gray.shape[1] * scale), 1),

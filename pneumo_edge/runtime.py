@@ -113,7 +113,9 @@ class PneumoModel:
     def run_all(self, batch: np.ndarray) -> dict[str, np.ndarray | None]:
         """Every output for a float32 (N, H, W, C) batch.
 
-        Returns ``prob`` (N,), ``cam`` (N, h, w) logits or None, ``ood`` (N,) or None.
+        Returns ``prob`` (N,), ``cam`` (N, h, w) logits or None, ``ood`` (N,) or None,
+        and for models with the lung-field stage ``lung_box`` (N, 4) and ``lung_area``
+        (N,) (None otherwise).
 
         Raises:
             ModelError: the probability output is not a finite number in [0, 1]
@@ -131,10 +133,16 @@ class PneumoModel:
         prob = np.clip(prob, 0.0, 1.0)
         cam = named.get("cam") if self.has_cam else None
         ood = named.get("ood") if self.ood_threshold is not None else None
+        box, area = named.get("lung_box"), named.get("lung_area")
+        has_lung = box is not None and area is not None
         return {"prob": prob,
                 "cam": None if cam is None else np.asarray(cam, np.float32).reshape(
                     len(batch), *np.shape(cam)[1:3]),
-                "ood": None if ood is None else np.asarray(ood, np.float64).reshape(-1)}
+                "ood": None if ood is None else np.asarray(ood, np.float64).reshape(-1),
+                "lung_box": np.asarray(box, np.float64).reshape(len(batch), 4)
+                if has_lung else None,
+                "lung_area": np.asarray(area, np.float64).reshape(len(batch))
+                if has_lung else None}
 
     def run(self, batch: np.ndarray) -> np.ndarray:
         """P(PNEUMONIA) for a float32 (N, H, W, C) batch, shape (N,)."""

@@ -125,6 +125,9 @@ def ensemble_runs(runs: list[str | Path], out: str | Path, *, force: bool = Fals
     # every input read (images, models) before anything is written
     _, y_val, val_inputs = validation_inputs(val0, cfgs[0].preprocess)
     say(f"building one graph from {len(runs)} members")
+    from .models import register_custom_layers
+
+    register_custom_layers()
     members = [keras.models.load_model(r / "best.keras", compile=False) for r in runs]
     model = build_ensemble(members)
     out.mkdir(parents=True, exist_ok=True)

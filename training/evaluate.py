@@ -27,6 +27,9 @@ def run_predictor(run_dir: str | Path, batch_size: int = 64):
     for name in ("best.keras", "val_metrics.json", "split.csv"):
         if not (run / name).is_file():
             raise FileNotFoundError(f"{run}: no {name} (not a finished run folder)")
+    from .models import register_custom_layers
+
+    register_custom_layers()
     model = keras.models.load_model(run / "best.keras", compile=False)
     _, h, w, c = (int(d) if d is not None else 0 for d in model.inputs[0].shape)
     cfg = PreprocessConfig(h, w, c)

@@ -108,6 +108,9 @@ def inference_model(keras_path: Path):
     """
     import keras
 
+    from .models import register_custom_layers
+
+    register_custom_layers()
     src = keras.models.load_model(keras_path, compile=False)
     keras.mixed_precision.set_global_policy("float32")
     dropped: list[str] = []
@@ -141,10 +144,85 @@ def _to_onnx(model, cfg: PreprocessConfig, opset: int):
 
 
 def _to_fp16(proto, keep_fp32: list[str] | None = None):
+    """FP16 weights and activations, float32 inputs and outputs; ``keep_fp32`` nodes stay.
+
+    A model with the lung-field stage is cut into parts instead: the stage (float32:
+    the converter's block list breaks on its boolean masks and casts, and the box
+    must not move with the precision), the classifier (FP16), and the nodes of
+    ``keep_fp32`` that only the ``ood`` output needs (float32), joined again.
+    """
     from onnxconverter_common import float16
 
-    return float16.convert_float_to_float16(proto, keep_io_types=True,
-                                            node_block_list=keep_fp32 or None)
+    from .heads import lung_boundary
+
+    boundary = lung_boundary(proto)
+    if boundary is None:
+        return float16.convert_float_to_float16(proto, keep_io_types=True,
+                                                node_block_list=keep_fp32 or None)
+    import onnx
+    from onnx import compose, utils
+
+    outputs = [o.name for o in proto.graph.output]
+    lung_out = [n for n in outputs if n.startswith("lung_")]
+    keep = set(keep_fp32 or [])
+    producer = {o: n.name for n in proto.graph.node for o in n.output}
+    # the tensors the float32 tail reads from the classifier (the pooled features)
+    tail_in = sorted({i for n in proto.graph.node if n.name in keep for i in n.input
+                      if i in producer and producer[i] not in keep})
+    if tail_in:  # a copy of each for the tail: an FP16 output no node inside reads
+        import copy
+
+        from onnx import helper
+        proto = copy.deepcopy(proto)
+        for node in proto.graph.node:
+            if node.name in keep:
+                node.input[:] = [i + ":float32" if i in tail_in else i for i in node.input]
+        proto.graph.node.extend(helper.make_node("Identity", [t], [t + ":float32"],
+                                                 name=t + ":float32") for t in tail_in)
+        tail_in = [t + ":float32" for t in tail_in]
+    tail_out = [n for n in outputs if n not in lung_out and producer.get(n) in keep]
+    mid_out = [n for n in outputs if n not in lung_out and n not in tail_out]
+    extractor = utils.Extractor(onnx.shape_inference.infer_shapes(proto))
+    parts = [extractor.extract_model([proto.graph.input[0].name], [boundary] + lung_out),
+             float16.convert_float_to_float16(
+                 extractor.extract_model([boundary], mid_out + tail_in), keep_io_types=True)]
+    links = [[(boundary, boundary)]]
+    if tail_out:
+        parts.append(extractor.extract_model(tail_in, tail_out))
+        links.append([(t, t) for t in tail_in])
+    # constants shared by the parts were copied into each: prefix all but the joins
+    parts[1:] = [_prefixed(part, prefix) for part, prefix in zip(parts[1:], ("fp16/", "ood/"))]
+    merged = parts[0]
+    for part, io_map in zip(parts[1:], links):
+        for g in (merged, part):  # intermediate shapes only; the merge checks the joins
+            del g.graph.value_info[:]
+        wanted = [o.name for o in merged.graph.output] + [o.name for o in part.graph.output]
+        merged = compose.merge_models(merged, part, io_map=io_map,
+                                      outputs=[n for n in wanted if n in outputs
+                                               or (part is not parts[-1] and n in tail_in)])
+    order = {n: i for i, n in enumerate(outputs)}
+    kept = sorted((o for o in merged.graph.output if o.name in order),
+                  key=lambda o: order[o.name])
+    del merged.graph.output[:]
+    merged.graph.output.extend(kept)
+    merged.graph.name = proto.graph.name
+    onnx.checker.check_model(merged)
+    return merged
+
+
+def _prefixed(model, prefix: str):
+    """``model`` with ``prefix`` on every internal name; its inputs and outputs keep theirs."""
+    from onnx import compose
+
+    io = [v.name for v in model.graph.input] + [v.name for v in model.graph.output]
+    out = compose.add_prefix(model, prefix)
+    back = {prefix + n: n for n in io}
+    for node in out.graph.node:
+        node.input[:] = [back.get(i, i) for i in node.input]
+        node.output[:] = [back.get(o, o) for o in node.output]
+    for v in list(out.graph.input) + list(out.graph.output):
+        v.name = back.get(v.name, v.name)
+    return out
 
 
 class _CalibReader:
@@ -188,12 +266,19 @@ def _prepare_for_int8(fp32_path: Path, out_path: Path) -> None:
     """onnxruntime's quantisation pre-processing (shape inference, graph clean-up), once."""
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    quant_pre_process(str(fp32_path), str(out_path), skip_symbolic_shape=False)
+    import onnx
+
+    from .heads import lung_boundary
+
+    # the lung stage's data-dependent slices defeat symbolic shape inference (which
+    # then fails and leaves a temporary file in the working folder): ONNX's own only
+    lung = lung_boundary(onnx.load(str(fp32_path), load_external_data=False)) is not None
+    quant_pre_process(str(fp32_path), str(out_path), skip_symbolic_shape=lung)
 
 
 def _to_int8(pre_path: Path, out_path: Path, calib_paths: list[str], cfg: PreprocessConfig,
              method: str, shifted: bool = True) -> None:
-    from .heads import classifier_tail, head_nodes
+    from .heads import classifier_tail, head_nodes, lung_stage_nodes
 
     """Static INT8 (QDQ, per-channel) of a pre-processed FP32 model, calibrated by ``method``."""
     import onnx
@@ -209,7 +294,7 @@ def _to_int8(pre_path: Path, out_path: Path, calib_paths: list[str], cfg: Prepro
         quant_format=QuantFormat.QDQ, per_channel=True, activation_type=QuantType.QUInt8,
         weight_type=QuantType.QInt8, calibrate_method=methods[method],
         nodes_to_exclude=head_nodes(pre, pre.graph.output[0].name)
-        + classifier_tail(pre, pre.graph.output[0].name))
+        + classifier_tail(pre, pre.graph.output[0].name) + lung_stage_nodes(pre))
 
 
 # ---------------------------------------------------------------- evaluation
@@ -249,7 +334,36 @@ OUTPUT_DESCRIPTIONS = {
             "output layer applied at each position; their mean is the logit of the probability"),
     "ood": ("Mahalanobis distance of the pooled features from the training split's, float32 "
             "(N, 1); above ood.threshold the image is out of distribution"),
+    "lung_box": ("the lung box the classifier saw, float32 (N, 4): (y0, x0, y1, x1) as "
+                 "fractions of the input frame, margin included; (0, 0, 1, 1) when no lung "
+                 "field was found"),
+    "lung_area": ("share of the segmenter's pixels that are lung, float32 (N, 1); 0 when no "
+                  "lung field was found"),
 }
+
+
+def _lung_meta(model) -> dict:
+    """The ``lung_field`` metadata block of a model with the lung-field stage, else {}."""
+    from pneumo_edge import lung
+
+    from .models import DEFAULT_SEGMENTER, LUNG_LAYER
+
+    if LUNG_LAYER not in {layer.name for layer in model.layers}:
+        return {}
+    layer = model.get_layer(LUNG_LAYER)
+    provenance = DEFAULT_SEGMENTER.with_suffix(".json")
+    return {"lung_field": {
+        "stage": "in the graph: segmenter -> lung box -> bilinear crop -> classifier",
+        "outputs": {"box": "lung_box", "area": "lung_area"},
+        "frame": int(model.inputs[0].shape[1]), "segmenter_input": int(model.inputs[0].shape[1]) // 2,
+        "crop": layer.crop_size, "mask_threshold": layer.threshold,
+        "min_fraction": layer.min_fraction, "margin": layer.margin,
+        "flag": lung.NO_LUNG_FIELD,
+        "plausible": {"min_box_area": lung.MIN_BOX_AREA, "centre_x": list(lung.CENTRE_X),
+                      "centre_y": list(lung.CENTRE_Y)},
+        "segmenter": (json.loads(provenance.read_text()) if provenance.is_file()
+                      else {"parameters": int(layer.segmenter.count_params())}),
+    }}
 
 
 def _outputs_meta(proto) -> list[dict]:
@@ -269,20 +383,22 @@ def _add_heads(model, src: _Source, calib, cfg: PreprocessConfig, ood_size: int,
 
     from .heads import feature_model, fit_ood, has_heads_support, with_heads
 
+    from .heads import with_lung_outputs
+
     if not has_heads_support(model):
         say("no cam/ood outputs: the model does not end in 'gap' + one dense unit")
-        return model, None
+        return with_lung_outputs(model), None
     try:
         paths = _calibration_paths(src, calib, 10**9, rng)
     except ExportError:
         say("no cam/ood outputs: no training images to fit the OOD statistics")
-        return model, None
+        return with_lung_outputs(model), None
     paths = [paths[i] for i in rng.permutation(len(paths))]
     n_thr = min(500, len(paths) // 4)
     fit_paths, thr_paths = paths[n_thr:n_thr + ood_size], paths[:n_thr]
     if len(fit_paths) < 8 or n_thr < 2:
         say("no cam/ood outputs: too few training images for the OOD statistics")
-        return model, None
+        return with_lung_outputs(model), None
     say(f"fitting the OOD statistics on {len(fit_paths)} training images")
 
     def image(i: int, path: str, shifted: bool) -> np.ndarray:
@@ -487,9 +603,10 @@ def export_run(source: str | os.PathLike, out_dir: str | os.PathLike = "exported
         onnx.save(proto32, str(fp32_path))
         protos = {"fp32": proto32}
         if fp16:
-            from .heads import ood_only_nodes
+            from .heads import lung_stage_nodes, ood_only_nodes
             say("converting to FP16")
-            protos["fp16"] = _to_fp16(onnx.load(str(fp32_path)), ood_only_nodes(proto32))
+            protos["fp16"] = _to_fp16(onnx.load(str(fp32_path)),
+                                       ood_only_nodes(proto32) + lung_stage_nodes(proto32))
         for precision, proto in protos.items():
             p = _ort_probs(proto.SerializeToString(), val_x)
             diff, agree, metrics = _compare(p, p_keras, val_labels, src.threshold)
@@ -538,7 +655,7 @@ def export_run(source: str | os.PathLike, out_dir: str | os.PathLike = "exported
         for r in results:
             meta = _metadata(src, cfg, r.precision, r, keras_metrics, opset, arch,
                              parity_images, len(val_x)) | {
-                "outputs": _outputs_meta(protos[r.precision])}
+                "outputs": _outputs_meta(protos[r.precision])} | _lung_meta(model)
             payloads[r.precision] = _finalise(protos[r.precision], meta)
             r.size_bytes = len(payloads[r.precision])
     for r in results:

@@ -25,6 +25,10 @@ import numpy as np
 CAM_NAME = "cam"
 OOD_NAME = "ood"
 GAP_LAYER = "gap"
+#: outputs of the lung-field stage (``*_lung`` models): the box the classifier saw,
+#: (y0, x0, y1, x1) fractions of the frame, and the share of the frame that is lung
+LUNG_BOX_NAME = "lung_box"
+LUNG_AREA_NAME = "lung_area"
 
 
 @dataclass
@@ -94,11 +98,62 @@ def with_heads(model, ood: OodFit):
     whiten = keras.layers.Dense(d, name="ood_whiten", dtype="float32")
     z = whiten(pooled)
     dist = _Norm(name=OOD_NAME)(z)
-    headed = keras.Model(model.inputs, [model.outputs[0], cam, dist], name=model.name)
+    headed = keras.Model(model.inputs, [model.outputs[0], cam, dist] + lung_outputs(model),
+                         name=model.name)
     cam_dense.set_weights([kernel.astype(np.float32), bias.astype(np.float32)])
     whiten.set_weights([ood.whiten.astype(np.float32),
                         (-ood.mean @ ood.whiten).astype(np.float32)])
     return headed
+
+
+def lung_outputs(model) -> list:
+    """``[lung_box, lung_area]`` tensors of a model with the lung-field stage, else []."""
+    import keras
+
+    from .models import LUNG_LAYER
+
+    if LUNG_LAYER not in {layer.name for layer in model.layers}:
+        return []
+    _, box, area = model.get_layer(LUNG_LAYER).output
+    return [keras.layers.Identity(name=LUNG_BOX_NAME)(box),
+            keras.layers.Identity(name=LUNG_AREA_NAME)(area)]
+
+
+def with_lung_outputs(model):
+    """The model with the lung stage's box and area as extra outputs (unchanged without)."""
+    import keras
+
+    extra = lung_outputs(model)
+    return keras.Model(model.inputs, list(model.outputs) + extra, name=model.name) \
+        if extra else model
+
+
+def lung_boundary(proto) -> str | None:
+    """The tensor the lung-field stage hands to the classifier (the stem convolution's
+    input: the crop, scaled), or None for a model without the stage."""
+    if LUNG_BOX_NAME not in {o.name for o in proto.graph.output}:
+        return None
+    needed = _ancestors(proto, proto.graph.output[0].name)
+    box_side = _ancestors(proto, LUNG_BOX_NAME)
+    # the classifier's stem: the first Conv on the probability's path outside the segmenter
+    stem = next(n for n in proto.graph.node
+                if n.op_type == "Conv" and n.name in needed and n.name not in box_side)
+    return stem.input[0]
+
+
+def lung_stage_nodes(proto) -> list[str]:
+    """ONNX nodes of the lung-field stage: everything before the classifier's first
+    convolution (segmenter, box, crop matrices, the crop itself, the input scaling).
+
+    Kept in float32 in the FP16 and INT8 models: the box and the crop are arithmetic
+    on pixel positions, and the box must be the same in every precision, or the
+    precisions would classify different crops. Empty for a model without the stage.
+    """
+    boundary = lung_boundary(proto)
+    if boundary is None:
+        return []
+    return sorted(_ancestors(proto, boundary) | _ancestors(proto, LUNG_BOX_NAME)
+                  | _ancestors(proto, LUNG_AREA_NAME))
 
 
 def _norm_layer():

@@ -7,10 +7,15 @@ decodes and resizes. The output ``pneumonia_prob`` is P(PNEUMONIA), shape (N, 1)
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Callable
 
 INPUT_NAME = "image"
 OUTPUT_NAME = "pneumonia_prob"
+#: the lung-field stage's layer in the ``*_lung`` models (training.lungcrop.LungCrop)
+LUNG_LAYER = "lung_crop"
+#: the trained lung segmenter shipped with the training package
+DEFAULT_SEGMENTER = Path(__file__).resolve().parent / "weights" / "lung_unet96.keras"
 
 
 def _layers():
@@ -41,12 +46,17 @@ def _basic_block(x, filters, stride, name, weight_decay):
 
 
 def _resnet(input_shape, stage_filters, blocks_per_stage, stem_filters, stem_kernel,
-            dropout, weight_decay, value_range, name):
+            dropout, weight_decay, value_range, name, lung: dict | None = None):
     keras, layers = _layers()
     lo, hi = value_range
     inputs = keras.Input(shape=input_shape, name=INPUT_NAME)
+    x = inputs
+    if lung is not None:
+        # the classifier sees the lung box plus a margin, whatever the framing
+        from .lungcrop import LungCrop
+        x = LungCrop(name=LUNG_LAYER, **lung)(x)[0]
     # scale to [-1, 1] inside the graph: preprocessing travels with the model
-    x = layers.Rescaling(2.0 / (hi - lo), offset=-1.0 - 2.0 * lo / (hi - lo), name="scale")(inputs)
+    x = layers.Rescaling(2.0 / (hi - lo), offset=-1.0 - 2.0 * lo / (hi - lo), name="scale")(x)
     x = _conv_bn(x, stem_filters, stem_kernel, 2, "stem", weight_decay)
     x = layers.ReLU(name="stem_relu")(x)
     x = layers.MaxPooling2D(3, strides=2, padding="same", name="stem_pool")(x)
@@ -76,7 +86,62 @@ def resnet_tiny(input_shape=(64, 64, 3), dropout=0.0, weight_decay=0.0,
                    value_range, "resnet_tiny")
 
 
-MODELS: dict[str, Callable] = {"resnet18": resnet18, "resnet_tiny": resnet_tiny}
+def load_segmenter(path: str | Path | None = None):
+    """The lung segmenter (``DEFAULT_SEGMENTER`` unless ``path``), a Keras model.
+
+    Raises:
+        FileNotFoundError: no such file.
+    """
+    import keras
+
+    path = Path(path) if path else DEFAULT_SEGMENTER
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: lung segmenter not found")
+    return keras.models.load_model(path, compile=False)
+
+
+def _lung_args(input_shape, segmenter, crop_size, jitter, seed) -> dict:
+    from pneumo_edge.lung import CROP, FRAME, JITTER
+
+    side = input_shape[0]
+    if crop_size is None:  # the crop keeps the frame's scale (144 of 192)
+        crop_size = CROP * side // FRAME
+    if segmenter is None or isinstance(segmenter, (str, Path)):
+        segmenter = load_segmenter(segmenter)
+    return {"segmenter": segmenter, "crop_size": int(crop_size),
+            "jitter": JITTER if jitter is None else float(jitter), "seed": seed}
+
+
+def resnet18_lung(input_shape=(192, 192, 3), dropout=0.3, weight_decay=0.0,
+                  value_range=(0.0, 255.0), segmenter=None, crop_size=None, jitter=None,
+                  seed=None):
+    """ResNet-18 behind the lung-field stage: the frame (192 px) is segmented, cropped to
+    the lung box plus margin, resized to ``crop_size`` (default 3/4 of the frame), and
+    classified. ``segmenter``: a Keras model or a path (default ``DEFAULT_SEGMENTER``)."""
+    return _resnet(input_shape, (64, 128, 256, 512), (2, 2, 2, 2), 64, 7, dropout,
+                   weight_decay, value_range, "resnet18_lung",
+                   _lung_args(input_shape, segmenter, crop_size, jitter, seed))
+
+
+def resnet_tiny_lung(input_shape=(64, 64, 3), dropout=0.0, weight_decay=0.0,
+                     value_range=(0.0, 255.0), segmenter=None, crop_size=None, jitter=None,
+                     seed=None):
+    """:func:`resnet_tiny` behind the lung-field stage: for tests."""
+    return _resnet(input_shape, (8, 16, 32, 64), (1, 1, 1, 1), 8, 3, dropout, weight_decay,
+                   value_range, "resnet_tiny_lung",
+                   _lung_args(input_shape, segmenter, crop_size, jitter, seed))
+
+
+MODELS: dict[str, Callable] = {"resnet18": resnet18, "resnet_tiny": resnet_tiny,
+                               "resnet18_lung": resnet18_lung,
+                               "resnet_tiny_lung": resnet_tiny_lung}
+#: the models with the lung-field stage (they take ``segmenter``, ``crop_size``, ``seed``)
+LUNG_MODELS = ("resnet18_lung", "resnet_tiny_lung")
+
+
+def register_custom_layers() -> None:
+    """Make the project's own layers known to ``keras.models.load_model``."""
+    from . import lungcrop  # noqa: F401  (registers LungCrop on import)
 
 
 def create_model(name: str, **kwargs):

@@ -62,6 +62,10 @@ class TrainConfig:
     # compute precision of training (weights stay float32): "auto" is bf16 on CPUs
     # with bf16 instructions, fp16 on GPUs, fp32 elsewhere; export is always float32
     precision: str = "auto"
+    # the *_lung architectures: the lung segmenter (.keras; default: the shipped one,
+    # training/weights/lung_unet96.keras) and the crop side (default: 3/4 of img_size)
+    segmenter: str | None = None
+    crop_size: int | None = None
     # "patient": a random patient-level split; "block": the earliest NORMAL patients
     # of each name family held out too (training.data.block_split), two views
     split: str = "patient"
@@ -104,6 +108,10 @@ class TrainConfig:
                   ("label_smoothing", 0.0 <= self.label_smoothing < 0.5, "in [0, 0.5)"),
                   ("ema_decay", 0.0 <= self.ema_decay < 1.0, "in [0, 1)"),
                   ("patience", self.patience >= 1, "at least 1"),
+                  ("crop_size", self.crop_size is None or 16 <= self.crop_size <= self.img_size,
+                   "between 16 and --img-size"),
+                  ("segmenter", self.segmenter is None or Path(self.segmenter).is_file(),
+                   "an existing .keras file"),
                   ("target_sensitivity", self.target_sensitivity is None
                    or 0.0 < self.target_sensitivity <= 1.0, "in (0, 1]")]
         for name, ok, rule in checks:
@@ -131,6 +139,16 @@ class TrainConfig:
     @property
     def weights_seed(self) -> int:
         return self.seed if self.init_seed is None else self.init_seed
+
+    @property
+    def model_kwargs(self) -> dict:
+        """The builder's extra arguments: the lung stage's for the ``*_lung`` models."""
+        from .models import LUNG_MODELS
+
+        if self.arch not in LUNG_MODELS:
+            return {}
+        return {"segmenter": self.segmenter, "crop_size": self.crop_size,
+                "seed": self.weights_seed}
 
     @property
     def preprocess(self) -> PreprocessConfig:
@@ -428,7 +446,7 @@ def _fit(cfg: TrainConfig, run_dir: Path, strategy, train_s, val_ds, select_sets
     from .models import create_model
     with strategy.scope():
         model = create_model(cfg.arch, input_shape=(cfg.img_size, cfg.img_size, cfg.channels),
-                             dropout=cfg.dropout)
+                             dropout=cfg.dropout, **cfg.model_kwargs)
         model.compile(
             optimizer=keras.optimizers.AdamW(learning_rate=_lr_schedule(cfg, steps),
                                              weight_decay=cfg.weight_decay),
@@ -449,7 +467,8 @@ def _fit(cfg: TrainConfig, run_dir: Path, strategy, train_s, val_ds, select_sets
                 model._symbolic_build(data_batch=local_batch)
         model._maybe_symbolic_build = _build
         local_copy = create_model(cfg.arch, input_shape=(cfg.img_size, cfg.img_size,
-                                                         cfg.channels), dropout=cfg.dropout)
+                                                         cfg.channels), dropout=cfg.dropout,
+                                  **cfg.model_kwargs)
     best_so_far = _best_val_auc(history_csv) if resume else None
     if not resume and history_csv.exists():
         history_csv.unlink()
@@ -647,6 +666,9 @@ def finish_run(run_dir: Path, cfg: TrainConfig, val_inputs: Callable[[str], np.n
     """
     import keras
 
+    from .models import register_custom_layers
+
+    register_custom_layers()
     best = keras.models.load_model(run_dir / "best.keras")
     rows = {"clean": val_inputs("clean")}
     calibration = _calibrate(best, run_dir, cfg, rows["clean"], y_val) if cfg.calibrate else {}
