@@ -79,7 +79,7 @@ def train(
     target_sensitivity: Annotated[Optional[float], typer.Option(
         min=0.0, max=1.0, help="Pick the highest threshold with this validation sensitivity "
                                "(default: the threshold rule).")] = None,
-    arch: Annotated[Optional[str], typer.Option(help="resnet18 or resnet_tiny (tests) [default: resnet18].")] = None,
+    arch: Annotated[Optional[str], typer.Option(help="resnet18, resnet18_lung (lung-field crop inside), or resnet_tiny / resnet_tiny_lung (tests) [default: resnet18].")] = None,
     schedule: Annotated[Optional[str], typer.Option(help="cosine (warm-up + cosine) or plateau [default: cosine].")] = None,
     weight_decay: Annotated[Optional[float], typer.Option(help="[default: 1e-4]")] = None,
     dropout: Annotated[Optional[float], typer.Option(min=0.0, max=0.9, help="[default: 0.3]")] = None,
@@ -94,6 +94,8 @@ def train(
     calibrate: Annotated[bool, typer.Option(help="Fit a temperature and bias on validation and fold them into the model.")] = True,
     class_balance: Annotated[bool, typer.Option(help="Class weights from training frequencies.")] = True,
     max_images: Annotated[Optional[int], typer.Option(min=4, help="Random subset, for quick trials.")] = None,
+    segmenter: Annotated[Optional[Path], typer.Option(help="With --arch resnet18_lung: the lung segmenter (.keras) [default: the one shipped in training/weights].")] = None,
+    crop_size: Annotated[Optional[int], typer.Option(min=16, help="With --arch resnet18_lung: side of the lung-field crop the classifier sees [default: 3/4 of --img-size].")] = None,
     split: Annotated[Optional[str], typer.Option(help="patient (random patients) or block (the earliest NORMAL patients of each name family held out as well: two validation views) [default: patient].")] = None,
     precision: Annotated[Optional[str], typer.Option(help="auto, fp32, bf16 or fp16 compute (auto: bf16 on CPUs with bf16 instructions, fp16 on GPUs); export is float32 [default: auto].")] = None,
     strategy: Annotated[Optional[str], typer.Option(help="auto, mirrored, default or multiworker [default: auto: multiworker when TF_CONFIG names several workers].")] = None,
@@ -150,7 +152,8 @@ def train(
                               init_seed=init_seed,
                               target_sensitivity=target_sensitivity, max_images=max_images,
                               strategy=strategy, ema_decay=ema_decay, split=split,
-                              precision=precision,
+                              precision=precision, crop_size=crop_size,
+                              segmenter=None if segmenter is None else str(segmenter),
                               threshold_rule=threshold_rule))
     except ValueError as exc:
         raise _fail(str(exc))

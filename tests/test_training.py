@@ -276,10 +276,11 @@ def test_train_cli_errors_and_table(data_dir, tmp_path):
     assert res.exit_code == EXIT_USAGE and "not found" in res.output
     res = runner.invoke(app, ["train", "--data", str(data_dir), "--out", str(tmp_path / "r"),
                               "--arch", "resnet_tiny", "--img-size", "32", "--epochs", "1",
-                              "--batch-size", "8", "--val-fraction", "0.25"])
+                              "--batch-size", "8", "--val-fraction", "0.25", "--precision", "fp32"])
     assert res.exit_code == 0, res.output
     assert "best epoch" in res.output and "threshold" in res.output and "val AUC" in res.output
-    assert "on /device:CPU:0 (mixed precision off)" in res.output
+    assert "on /device:CPU:0 (float32)" in " ".join(res.output.split())
+    assert "patient split" in " ".join(res.output.split())
 
 
 @pytest.mark.slow

@@ -342,8 +342,12 @@ OUTPUT_DESCRIPTIONS = {
 }
 
 
-def _lung_meta(model) -> dict:
-    """The ``lung_field`` metadata block of a model with the lung-field stage, else {}."""
+def _lung_meta(model, config: dict) -> dict:
+    """The ``lung_field`` metadata block of a model with the lung-field stage, else {}.
+
+    The segmenter's provenance (sources, commits, licences, held-out IoU) comes from
+    the JSON beside the segmenter the run was trained with.
+    """
     from pneumo_edge import lung
 
     from .models import DEFAULT_SEGMENTER, LUNG_LAYER
@@ -351,7 +355,7 @@ def _lung_meta(model) -> dict:
     if LUNG_LAYER not in {layer.name for layer in model.layers}:
         return {}
     layer = model.get_layer(LUNG_LAYER)
-    provenance = DEFAULT_SEGMENTER.with_suffix(".json")
+    provenance = Path(config.get("segmenter") or DEFAULT_SEGMENTER).with_suffix(".json")
     return {"lung_field": {
         "stage": "in the graph: segmenter -> lung box -> bilinear crop -> classifier",
         "outputs": {"box": "lung_box", "area": "lung_area"},
@@ -655,7 +659,7 @@ def export_run(source: str | os.PathLike, out_dir: str | os.PathLike = "exported
         for r in results:
             meta = _metadata(src, cfg, r.precision, r, keras_metrics, opset, arch,
                              parity_images, len(val_x)) | {
-                "outputs": _outputs_meta(protos[r.precision])} | _lung_meta(model)
+                "outputs": _outputs_meta(protos[r.precision])} | _lung_meta(model, src.config)
             payloads[r.precision] = _finalise(protos[r.precision], meta)
             r.size_bytes = len(payloads[r.precision])
     for r in results:

@@ -118,6 +118,8 @@ class TrainConfig:
             if not ok:
                 raise ValueError(f"--{name.replace('_', '-')} must be {rule}, "
                                  f"got {getattr(self, name)!r}")
+        if self.segmenter:  # export and resume read it from config.json, from anywhere
+            self.segmenter = str(Path(self.segmenter).resolve())
 
     def to_dict(self) -> dict:
         d = asdict(self)
