@@ -306,7 +306,7 @@ def test_stage_nodes_are_the_lung_stage_only(keras_bits):
     import tf2onnx
 
     keras, LungCrop, _, seg = keras_bits
-    from training.lungcrop import stage_nodes
+    from training.heads import lung_stage_nodes as stage_nodes
     from training.segmenter import build_unet
 
     inp = keras.Input((F, F, 3), name="image")
@@ -314,7 +314,8 @@ def test_stage_nodes_are_the_lung_stage_only(keras_bits):
     x = keras.layers.Conv2D(4, 3, name="cls_conv")(crop_)
     x = keras.layers.GlobalAveragePooling2D(name="gap")(x)
     out = keras.layers.Dense(1, activation="sigmoid", name="pneumonia_prob")(x)
-    model = keras.Model(inp, [out, box, area])
+    model = keras.Model(inp, [out, keras.layers.Identity(name="lung_box")(box),
+                              keras.layers.Identity(name="lung_area")(area)])
     spec = [tf.TensorSpec([None, F, F, 3], tf.float32, name="image")]
     proto, _ = tf2onnx.convert.from_keras(model, input_signature=spec, opset=17)
     stage = set(stage_nodes(proto))

@@ -21,7 +21,7 @@ from keras import ops
 
 from pneumo_edge.lung import CROP, FRAME, JITTER, MARGIN, MASK_THRESHOLD, MIN_FRACTION
 
-__all__ = ["LungCrop", "lung_crop_model", "stage_nodes", "JITTER"]
+__all__ = ["LungCrop", "lung_crop_model", "JITTER"]
 
 
 @keras.saving.register_keras_serializable(package="pneumo_edge")
@@ -140,26 +140,3 @@ def lung_crop_model(segmenter, frame: int = FRAME, crop_size: int = CROP, jitter
     outputs = [keras.layers.Identity(name=n)(t) for n, t in
                (("crop", crop), ("box", box), ("area", area))]
     return keras.Model(inputs, outputs, name=name)
-
-
-
-def stage_nodes(proto, layer_name: str = "lung_crop") -> list[str]:
-    """Names of the ONNX nodes that make up the lung stage of a converted model.
-
-    The nodes whose name contains ``/<layer_name>`` (tf2onnx keeps the Keras layer
-    in the name) and every node they depend on (the unnamed helpers tf2onnx adds),
-    but nothing downstream: the classifier is not included. For keeping the stage
-    in float when quantising (``nodes_to_exclude``): its box arithmetic and
-    interpolation weights must stay exact.
-    """
-    producer = {out: node for node in proto.graph.node for out in node.output}
-    marker = f"/{layer_name}"
-    keep: dict[str, None] = {}
-    todo = [n for n in proto.graph.node if marker in n.name]
-    while todo:
-        node = todo.pop()
-        if node.name in keep:
-            continue
-        keep[node.name] = None
-        todo += [producer[i] for i in node.input if i in producer]
-    return [n.name for n in proto.graph.node if n.name in keep]
