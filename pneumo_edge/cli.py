@@ -463,6 +463,45 @@ def info(model: Annotated[Path, typer.Argument(help="An exported ONNX model.")])
     render_info(model, file_sha256(model), meta, inputs, outputs)
 
 
+class CalibrationRule(str, Enum):
+    youden = "youden"
+    sensitivity = "sensitivity"
+
+
+@app.command()
+def calibrate(
+    model: Annotated[Path, typer.Argument(help="An exported FP32 or INT8 ONNX model.")],
+    data: Annotated[Path, typer.Option(help="The site's labelled X-rays: NORMAL/ and PNEUMONIA/ folders (DICOM included).")],
+    out: Annotated[Path, typer.Option(help="The new model file (must not exist); a NAME.site_adaptation.json report is written beside it.")],
+    refit_head: Annotated[bool, typer.Option("--refit-head", help="Refit the output layer on the pooled features (L2 towards the shipped head) instead of Platt scaling.")] = False,
+    refit_ood: Annotated[bool, typer.Option("--refit-ood", help="Refit the OOD statistics and threshold on the site's images.")] = False,
+    rule: Annotated[CalibrationRule, typer.Option(help="Threshold rule on out-of-fold predictions.")] = CalibrationRule.youden,
+    target_sensitivity: Annotated[Optional[float], typer.Option(help="With --rule sensitivity: the sensitivity to reach.")] = None,
+    min_per_class: Annotated[int, typer.Option(help="Refuse fewer labelled images per class (below 100 a warning).")] = 20,
+    threads: Annotated[Optional[int], typer.Option(min=1)] = None,
+):
+    """Adapt a model to a site's labelled X-rays without TensorFlow: Platt scaling or a head
+    refit, a new threshold, optionally new OOD statistics; before/after with 95 % intervals."""
+    from .calibrate import CalibrateError
+    from .calibrate import calibrate as run_calibration
+    from .console import render_calibration
+    from .runtime import ModelError
+
+    try:
+        result = run_calibration(model, data, out, refit_head=refit_head, refit_ood=refit_ood,
+                                 rule=rule.value, target_sensitivity=target_sensitivity,
+                                 min_per_class=min_per_class, threads=threads, progress=say)
+    except (CalibrateError, ModelError) as exc:
+        raise _fail(str(exc))
+    except OSError as exc:
+        raise _fail(f"--out {out}: could not write ({exc.strerror or exc}); nothing written")
+    except KeyboardInterrupt:
+        raise _fail("interrupted; nothing written", EXIT_INTERRUPTED)
+    render_calibration(result)
+    if result.failures:
+        raise typer.Exit(EXIT_SOME_FAILED)
+
+
 @app.command()
 def robustness(
     source: Annotated[Path, typer.Argument(help="An exported ONNX model, or a run folder from `train` (needs TensorFlow).")],

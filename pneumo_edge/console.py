@@ -17,7 +17,7 @@ from rich.text import Text
 
 __all__ = ["console", "err", "plain", "say", "render_train_result", "render_export",
            "render_predictions", "render_summary", "render_info", "render_robustness",
-           "render_benchmark"]
+           "render_benchmark", "render_calibration"]
 
 console = Console()
 err = Console(stderr=True)
@@ -189,6 +189,12 @@ def render_info(model: Path, sha256: str, meta: dict, inputs: list, outputs: lis
         table.add_row("input", plain(f"{i['name']} {i['shape']} {i['type']}"))
     for o in outputs:
         table.add_row("output", plain(f"{o['name']} {o['shape']} {o['type']}"))
+    site = meta.get("site_adaptation")
+    if isinstance(site, dict):  # an adapted model: where it came from, before the raw keys
+        chain = [f"{p.get('file')} ({str(p.get('sha256'))[:12]}, {p.get('method')})"
+                 for p in site.get("lineage") or [] if isinstance(p, dict)]
+        table.add_row("lineage", plain(" -> ".join(chain + [f"this file ({site.get('method')}, "
+                                                            f"{site.get('created')})"])))
     for key, value in meta.items():
         text = json.dumps(value) if isinstance(value, (dict, list)) else str(value)
         table.add_row(plain(key), plain(text))
@@ -237,3 +243,36 @@ def render_benchmark(result, sizes: list[int]) -> None:
     console.print(plain("ms: p50 model time per image at each batch size (p95 in "
                         "benchmark.json/.md); metrics at each model's own threshold. Rows: "
                         + ", ".join(r.name for r in result.rows), "dim"), highlight=False)
+
+
+def render_calibration(result) -> None:
+    """Before/after table of ``pneumo-edge calibrate`` with the 95 % intervals."""
+    def cell(m):
+        if not m:
+            return "n/a"
+        lo, hi = m["ci95"]
+        return f"{m['value']:.3f} [{lo:.3f}, {hi:.3f}]"
+
+    table = Table(title=plain(f"site adaptation ({result.method}): "
+                              f"{result.counts['NORMAL']} NORMAL / {result.counts['PNEUMONIA']} "
+                              f"PNEUMONIA images, {sum(result.patients.values())} patients"),
+                  title_justify="left")
+    table.add_column("metric (95 % interval)")
+    table.add_column("before", justify="right")
+    table.add_column("after (out-of-fold)", justify="right")
+    for key, name in (("auc", "AUC"), ("sensitivity", "sensitivity"),
+                      ("specificity", "specificity"), ("ece", "calibration error (ECE)"),
+                      ("ood_flag_rate", "OOD flag rate")):
+        table.add_row(name, cell(result.before.get(key)), cell(result.after.get(key)))
+    console.print(table)
+    console.print(plain(f"threshold {result.threshold:.4f} ({result.threshold_rule})"),
+                  highlight=False)
+    if result.ood:
+        console.print(plain(f"OOD threshold {result.ood['threshold']:.2f} "
+                            f"({result.ood['threshold_rule']})"), highlight=False)
+    for w in result.warnings:
+        err.print(plain(f"warning: {w}", "yellow"), highlight=False)
+    console.print(Text("wrote ") + plain(result.out) + Text(" and ") + plain(result.report_path),
+                  highlight=False)
+    console.print(Text("An adapted model is a new model: validate it on images it has not "
+                       "seen before using it.", style="dim"))
