@@ -47,7 +47,8 @@ from .ood import fit_ood
 
 __all__ = ["CalibrateError", "Tail", "OodHead", "SiteData", "CalibrationResult", "find_tail",
            "find_ood_head", "read_site", "grouped_folds", "fit_logistic", "fit_platt_logit",
-           "bootstrap_intervals", "fit_head", "fit_site_ood", "calibrate", "RULES", "MIN_PER_CLASS", "WARN_PER_CLASS"]
+           "bootstrap_intervals", "fit_head", "fit_site_ood", "calibrate", "RULES",
+           "MIN_PER_CLASS", "WARN_PER_CLASS"]
 
 RULES = ("youden", "sensitivity")
 MIN_PER_CLASS = 20
@@ -108,12 +109,7 @@ class OodHead:
 
 def _maps(proto):
     producer = {o: n for n in proto.graph.node for o in n.output}
-    consumers: dict[str, list] = {}
-    for n in proto.graph.node:
-        for i in n.input:
-            consumers.setdefault(i, []).append(n)
-    inits = {i.name: i for i in proto.graph.initializer}
-    return producer, consumers, inits
+    return producer, {i.name: i for i in proto.graph.initializer}
 
 
 def _attr(node, name: str, default):
@@ -150,7 +146,7 @@ def find_tail(proto, model: str = "model") -> Tail:
     Raises:
         CalibrateError: no such tail, or its weights are quantised or not float32.
     """
-    producer, _, inits = _maps(proto)
+    producer, inits = _maps(proto)
     node = producer.get(proto.graph.output[0].name)
     while node is not None and node.op_type in _SHAPE_OPS + _QDQ_OPS:
         node = producer.get(node.input[0])
@@ -205,7 +201,7 @@ def find_ood_head(proto, tail: Tail, model: str = "model") -> OodHead:
     Raises:
         CalibrateError: no ``ood`` output, or not of this form.
     """
-    producer, _, inits = _maps(proto)
+    producer, inits = _maps(proto)
     if "ood" not in [o.name for o in proto.graph.output]:
         raise CalibrateError(f"{model}: no 'ood' output to refit (--refit-ood needs a model "
                              "exported with the OOD head)")
@@ -463,12 +459,12 @@ def _sigmoid(z: np.ndarray) -> np.ndarray:
     return 1.0 / (1.0 + np.exp(-np.clip(z, -500, 500)))
 
 
-def _newton(r: np.ndarray, y: np.ndarray, offset: np.ndarray, lam: float, start=None,
+def _newton(r: np.ndarray, y: np.ndarray, offset: np.ndarray, lam: float,
             iterations: int = 50) -> tuple[np.ndarray, float]:
     """Minimise mean log-loss of sigmoid(offset + r @ u + b) + lam/2 ||u||^2 (b free)."""
     n, k = r.shape
     x = np.hstack([r, np.ones((n, 1))])
-    theta = np.zeros(k + 1) if start is None else start.copy()
+    theta = np.zeros(k + 1)
     pen = np.r_[np.full(k, lam), 0.0]
 
     def objective(t):
@@ -543,7 +539,7 @@ def fit_platt_logit(logit: np.ndarray, y: np.ndarray) -> tuple[float, float]:
     z = np.asarray(logit, np.float64)[:, None]
     sd = float(z.std()) or 1.0
     (u,), c = _newton(z / sd, np.asarray(y, np.float64), z[:, 0], 1e-4)
-    return 1.0 + u / sd, c
+    return float(1.0 + u / sd), float(c)
 
 
 def _per_fold_thresholds(y: np.ndarray, p: np.ndarray, fold: np.ndarray,
@@ -908,62 +904,9 @@ def calibrate(model: str | os.PathLike, data: str | os.PathLike, out: str | os.P
     after = bootstrap_intervals(y, fit.oof, after_pred, ood_flags_after, site.patients,
                                 bootstrap, seed)
 
-    # the new graph: the tail's weight and bias (shared with cam), maybe the OOD constants
-    onnx, _ = _onnx()
-    new = onnx.ModelProto()
-    new.CopyFrom(proto)
-    _set_init(new, tail.weight, fit.weight.reshape(-1, 1) if not tail.trans_b
-              else fit.weight.reshape(1, -1))
-    _set_init(new, tail.bias, np.array([fit.bias]))
-    raw = dict(meta.raw)
-    parent_ood = raw.get("ood")
-    if ood_fit is not None:
-        _set_init(new, ood_head.whiten, ood_fit.whiten)
-        _set_init(new, ood_head.shift, -ood_fit.mean @ ood_fit.whiten)
-        raw["ood"] = {
-            "kind": "mahalanobis", "output": "ood", "threshold": round(ood_fit.threshold, 4),
-            "threshold_rule": f"{OOD_PERCENTILE:g}th percentile of {len(y)} cross-fitted site "
-                              f"distances ({k} patient-grouped folds)",
-            "fitted_on": f"{len(y)} site images (calibrate --refit-ood)",
-            "covariance": "Ledoit-Wolf shrinkage", "shrinkage": round(ood_fit.shrinkage, 4),
-            "feature_dim": int(ood_fit.mean.size), "parent": parent_ood}
-    parent_sha = _file_sha(model)
-    lineage = list((raw.get("site_adaptation") or {}).get("lineage") or [])
-    lineage.append({"sha256": parent_sha, "file": model.name,
-                    "created": raw.get("created"),
-                    "method": (raw.get("site_adaptation") or {}).get("method", "export")})
-    moved = {key: raw.pop(key) for key in PARENT_ONLY_KEYS if key in raw}
-    created = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    block = {
-        "method": fit.kind if not refit_ood else f"{fit.kind}+ood",
-        "parent": {"file": model.name, "sha256": parent_sha,
-                   "weights_sha256": weights_sha256(proto),
-                   "threshold": meta.threshold, "threshold_rule": meta.threshold_rule},
-        "lineage": lineage,
-        "weights_sha256": weights_sha256(new),
-        "data": {"manifest_sha256": site.manifest_sha256,
-                 "manifest": "sha256 over sorted (relative path, label, file sha256)",
-                 "n_images": int(len(y)), "per_class": site.n_per_class,
-                 "patients": n_patients, "patients_per_class": site.patients_per_class,
-                 "no_patient_key": site.no_patient, "n_failed": len(site.failures)},
-        "fit": fit.params,
-        "threshold": {"value": threshold, "rule": rule, "chosen": rule_text,
-                      "target_sensitivity": target},
-        "cv": {"folds": k, "grouping": "patient", "seed": seed},
-        "before": before, "after": after,
-        "metrics_note": ("before: the parent file on every site image at its own threshold; "
-                         "after: out-of-fold probabilities, each fold scored at a threshold "
-                         "chosen on the other folds; 95 % intervals from "
-                         f"{bootstrap} patient-grouped bootstrap resamples"),
-        "ood_refit": ood_fit is not None,
-        "parent_provenance": moved,
-        "versions": _versions(),
-        "created": created,
-    }
-    raw.update({"threshold": threshold, "threshold_rule": rule_text, "created": created,
-                "pneumo_edge_version": __version__, "site_adaptation": block})
-    if "trained_on" in raw:
-        raw["trained_on"] = f"{raw['trained_on']}; adapted to a site ({len(y)} images)"
+    new = _edit_graph(proto, tail, ood_head, fit, ood_fit)
+    raw, block = _adapted_metadata(model, proto, new, meta, site, fit, ood_fit, k, seed,
+                                   threshold, rule, rule_text, target, before, after, bootstrap)
     payload = _finalise(new, raw)
     parity = _parity(payload, site, fit, ood_fit)
     # the parity result goes into the file: finalise once more (weights unchanged)
@@ -984,6 +927,78 @@ def calibrate(model: str | os.PathLike, data: str | os.PathLike, out: str | os.P
                              raw.get("ood") if ood_fit is not None else None, warnings,
                              site.failures, parity, time.perf_counter() - t0, block)
 
+
+def _edit_graph(proto, tail: Tail, ood_head: OodHead | None, fit: HeadFit,
+                ood_fit: OodRefit | None):
+    """A copy of ``proto`` with the tail's weight and bias (which the cam head shares)
+    and, with an OOD refit, the whitening constants replaced."""
+    onnx, _ = _onnx()
+    new = onnx.ModelProto()
+    new.CopyFrom(proto)
+    _set_init(new, tail.weight, fit.weight.reshape(-1, 1) if not tail.trans_b
+              else fit.weight.reshape(1, -1))
+    _set_init(new, tail.bias, np.array([fit.bias]))
+    if ood_fit is not None:
+        _set_init(new, ood_head.whiten, ood_fit.whiten)
+        _set_init(new, ood_head.shift, -ood_fit.mean @ ood_fit.whiten)
+    return new
+
+
+def _adapted_metadata(model: Path, proto, new, meta, site: SiteData, fit: HeadFit,
+                      ood_fit: OodRefit | None, k: int, seed: int, threshold: float, rule: str,
+                      rule_text: str, target: float | None, before: dict, after: dict,
+                      bootstrap: int) -> tuple[dict, dict]:
+    """The new file's metadata (the parent's, with the new threshold, OOD block and a
+    ``site_adaptation`` block) and that block."""
+    y = site.labels
+    raw = dict(meta.raw)
+    if ood_fit is not None:
+        raw["ood"] = {
+            "kind": "mahalanobis", "output": "ood", "threshold": round(ood_fit.threshold, 4),
+            "threshold_rule": f"{OOD_PERCENTILE:g}th percentile of {len(y)} cross-fitted site "
+                              f"distances ({k} patient-grouped folds)",
+            "fitted_on": f"{len(y)} site images (calibrate --refit-ood)",
+            "covariance": "Ledoit-Wolf shrinkage", "shrinkage": round(ood_fit.shrinkage, 4),
+            "feature_dim": int(ood_fit.mean.size), "parent": raw.get("ood")}
+    parent_sha = _file_sha(model)
+    lineage = list((raw.get("site_adaptation") or {}).get("lineage") or [])
+    lineage.append({"sha256": parent_sha, "file": model.name,
+                    "created": raw.get("created"),
+                    "method": (raw.get("site_adaptation") or {}).get("method", "export")})
+    moved = {key: raw.pop(key) for key in PARENT_ONLY_KEYS if key in raw}
+    created = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    block = {
+        "method": fit.kind if ood_fit is None else f"{fit.kind}+ood",
+        "parent": {"file": model.name, "sha256": parent_sha,
+                   "weights_sha256": weights_sha256(proto),
+                   "threshold": meta.threshold, "threshold_rule": meta.threshold_rule},
+        "lineage": lineage,
+        "weights_sha256": weights_sha256(new),
+        "data": {"manifest_sha256": site.manifest_sha256,
+                 "manifest": "sha256 over sorted (relative path, label, file sha256)",
+                 "n_images": int(len(y)), "per_class": site.n_per_class,
+                 "patients": len(set(site.patients)),
+                 "patients_per_class": site.patients_per_class,
+                 "no_patient_key": site.no_patient, "n_failed": len(site.failures)},
+        "fit": fit.params,
+        "threshold": {"value": threshold, "rule": rule, "chosen": rule_text,
+                      "target_sensitivity": target},
+        "cv": {"folds": k, "grouping": "patient", "seed": seed},
+        "before": before, "after": after,
+        "metrics_note": ("before: the parent file on every site image at its own threshold; "
+                         "after: out-of-fold probabilities, each fold scored at a threshold "
+                         "chosen on the other folds; 95 % intervals from "
+                         f"{bootstrap} patient-grouped bootstrap resamples"),
+        "ood_refit": ood_fit is not None,
+        "parent_provenance": moved,
+        "versions": _versions(),
+        "created": created,
+    }
+    raw.update({"threshold": threshold, "threshold_rule": rule_text, "created": created,
+                "pneumo_edge_version": __version__, "site_adaptation": block})
+    if "trained_on" in raw:
+        raw["trained_on"] = f"{raw['trained_on']}; adapted to a site ({len(y)} images)"
+    return raw, block
 
 
 def _file_sha(path: Path) -> str:
