@@ -102,6 +102,9 @@ def train(
     resume: Annotated[bool, typer.Option(help="Continue the interrupted run in --out.")] = False,
     cluster: Annotated[Optional[str], typer.Option(help="Multi-worker training: host:port of every worker, comma-separated, the chief first (sets TF_CONFIG); start the same command on each machine with its --task-index.")] = None,
     task_index: Annotated[Optional[int], typer.Option(min=0, help="With --cluster: this machine's position in the list (0 = chief, writes the run folder).")] = None,
+    init_from: Annotated[Optional[Path], typer.Option(help="Start from an exported FP32 file's weights (checked against onnxruntime first); its input size and arch are used, and the defaults become --lr 1e-4, --weight-decay 0, --freeze-until stage2, --pull 1, --precision fp32.")] = None,
+    freeze_until: Annotated[Optional[str], typer.Option(help="With --init-from: keep the stem and the stages up to this one fixed (none, stem, stage1..stage4).")] = None,
+    pull: Annotated[Optional[float], typer.Option(min=0.0, help="With --init-from: after each step pull every weight towards its initial value by lr * PULL * (w - w_init).")] = None,
 ):
     """Train a ResNet-18 on labelled chest X-rays (needs the [bold]train[/] extra).
 
@@ -142,8 +145,21 @@ def train(
                                                         "gamma": 0, "noise": 0, "lowres": 0}))
         if epochs is None and not resume:
             epochs = TrainConfig.__dataclass_fields__["epochs"].default
+        seeded = {}
+        if init_from is not None:  # the file decides size and arch; lighter defaults
+            from training.init_from import DEFAULTS, InitFromError, file_config
+            try:
+                fc = file_config(init_from)
+            except InitFromError as exc:
+                raise _fail(str(exc))
+            for name, mine in (("img_size", img_size), ("arch", arch)):
+                if mine is not None and mine != fc[name]:
+                    raise _fail(f"--{name.replace('_', '-')} {mine} differs from the "
+                                f"--init-from file's {fc[name]}")
+            seeded = DEFAULTS | {"img_size": fc["img_size"], "arch": fc["arch"],
+                                 "channels": fc["channels"], "init_from": str(init_from)}
         cfg = TrainConfig(data=str(data), augment=aug, class_balance=class_balance,
-                          calibrate=calibrate, epochs=epochs, **given(
+                          calibrate=calibrate, epochs=epochs, **(seeded | given(
                               out=None if out is None else str(out), arch=arch,
                               img_size=img_size, batch_size=batch_size, lr=lr,
                               weight_decay=weight_decay, dropout=dropout,
@@ -154,7 +170,8 @@ def train(
                               strategy=strategy, ema_decay=ema_decay, split=split,
                               precision=precision, crop_size=crop_size,
                               segmenter=None if segmenter is None else str(segmenter),
-                              threshold_rule=threshold_rule))
+                              threshold_rule=threshold_rule, freeze_until=freeze_until,
+                              pull=pull)))
     except ValueError as exc:
         raise _fail(str(exc))
     if not data.is_dir():

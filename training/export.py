@@ -491,7 +491,8 @@ def _metadata(src: _Source, cfg: PreprocessConfig, precision: str, result: Preci
                    "label_agreement": result.label_agreement},
         "training": {k: src.config.get(k) for k in (
             "img_size", "epochs", "batch_size", "lr", "weight_decay", "dropout",
-            "label_smoothing", "schedule", "seed", "init_seed", "augment", "class_balance")
+            "label_smoothing", "schedule", "seed", "init_seed", "augment", "class_balance",
+            "init_from", "freeze_until", "pull")
             if k in src.config},
         "calibration": src.val_record.get("calibration"),
         **({"ensemble": src.config["ensemble"]} if src.config.get("ensemble") else {}),

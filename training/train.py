@@ -79,6 +79,12 @@ class TrainConfig:
     # "clean": the Youden plateau on clean validation (the 0.1 rule)
     threshold_rule: str = "robust"
     calibrate: bool = True       # fit a temperature on validation, folded into the model
+    # start from an exported FP32 file's weights (training.init_from); then the stem
+    # and stages up to freeze_until stay fixed and every trainable weight is pulled
+    # towards its initial value after each step (lr * pull * (w - w_init))
+    init_from: str | None = None
+    freeze_until: str = "none"
+    pull: float = 0.0
 
     def __post_init__(self) -> None:
         """Check the whole configuration before any work (a typo costs nothing)."""
@@ -97,6 +103,13 @@ class TrainConfig:
         one_of("precision", self.precision, PRECISIONS)
         one_of("split", self.split, SPLITS)
         one_of("threshold_rule", self.threshold_rule, ("robust", "clean"))
+        from .init_from import FREEZE_STAGES
+        one_of("freeze_until", self.freeze_until, FREEZE_STAGES)
+        if not self.init_from and (self.freeze_until != "none" or self.pull):
+            raise ValueError("--freeze-until and --pull go with --init-from")
+        if self.init_from and self.precision != "fp32":
+            raise ValueError("--init-from trains in --precision fp32 (the weights are checked "
+                             "against onnxruntime to 1e-4 before training)")
         for row in self.select_rows:
             one_of("select_rows", row, PERTURBATIONS)
         checks = [("img_size", self.img_size >= 16, "at least 16"),
@@ -112,6 +125,7 @@ class TrainConfig:
                    "between 16 and --img-size"),
                   ("segmenter", self.segmenter is None or Path(self.segmenter).is_file(),
                    "an existing .keras file"),
+                  ("pull", self.pull >= 0.0, "non-negative"),
                   ("target_sensitivity", self.target_sensitivity is None
                    or 0.0 < self.target_sensitivity <= 1.0, "in (0, 1]")]
         for name, ok, rule in checks:
@@ -449,6 +463,13 @@ def _fit(cfg: TrainConfig, run_dir: Path, strategy, train_s, val_ds, select_sets
     with strategy.scope():
         model = create_model(cfg.arch, input_shape=(cfg.img_size, cfg.img_size, cfg.channels),
                              dropout=cfg.dropout, **cfg.model_kwargs)
+        init_callbacks = []
+        if cfg.init_from:  # weights from the file, checked against onnxruntime, then frozen
+            from .init_from import prepare, pull_callback, record
+            x_check = np.stack([to_model_input(img[:, :, 0], pre) for img in x_train[:16]])
+            record(run_dir, prepare(model, cfg.init_from, x_check, cfg.freeze_until))
+            if cfg.pull:
+                init_callbacks.append(pull_callback(model, cfg.pull))
         model.compile(
             optimizer=keras.optimizers.AdamW(learning_rate=_lr_schedule(cfg, steps),
                                              weight_decay=cfg.weight_decay),
@@ -495,6 +516,7 @@ def _fit(cfg: TrainConfig, run_dir: Path, strategy, train_s, val_ds, select_sets
     callbacks = [
         keras.callbacks.BackupAndRestore(str(run_dir / "backup")),
         _LogEpoch(),
+        *init_callbacks,  # before the weight average, which then sees the pulled weights
         _make_select_callback(keras, run_dir, select_sets, cfg.ema_decay, best_so_far,
                               cfg.batch_size, local_copy, views),
         keras.callbacks.EarlyStopping(monitor=SELECT_KEY, mode="max", patience=cfg.patience,
