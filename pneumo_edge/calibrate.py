@@ -460,11 +460,12 @@ def _sigmoid(z: np.ndarray) -> np.ndarray:
 
 
 def _newton(r: np.ndarray, y: np.ndarray, offset: np.ndarray, lam: float,
-            iterations: int = 50) -> tuple[np.ndarray, float]:
-    """Minimise mean log-loss of sigmoid(offset + r @ u + b) + lam/2 ||u||^2 (b free)."""
+            iterations: int = 50, start: np.ndarray | None = None) -> np.ndarray:
+    """Minimise mean log-loss of sigmoid(offset + r @ u + b) + lam/2 ||u||^2 (b free);
+    returns theta = (u, b), starting from ``start`` (a warm start) or zero."""
     n, k = r.shape
     x = np.hstack([r, np.ones((n, 1))])
-    theta = np.zeros(k + 1)
+    theta = np.zeros(k + 1) if start is None else np.array(start, np.float64)
     pen = np.r_[np.full(k, lam), 0.0]
 
     def objective(t):
@@ -489,7 +490,7 @@ def _newton(r: np.ndarray, y: np.ndarray, offset: np.ndarray, lam: float,
         theta, f_old, f = cand, f, fc
         if f_old - f < 1e-12 or np.max(np.abs(t * step)) < 1e-9:
             break
-    return theta[:k], float(theta[k])
+    return theta
 
 
 @dataclass
@@ -506,6 +507,32 @@ class _Standardised:
         return (x - self.mu) / self.sd
 
 
+class _HeadDesign:
+    """One training set's standardised features and their row space, reused for every
+    L2 strength (the decomposition is the expensive part)."""
+
+    def __init__(self, x: np.ndarray, w0: np.ndarray, b0: float):
+        x = np.asarray(x, np.float64)
+        self.st = _Standardised.of(x)
+        z = self.st(x)
+        self.v0 = np.asarray(w0, np.float64) * self.st.sd
+        # x @ w + b = z @ (w * sd) + (b + mu @ w): start at the shipped head, move by
+        # basis @ u (penalised) and an intercept change c (free)
+        self.start = float(b0 + self.st.mu @ w0)
+        self.offset = z @ self.v0 + self.start
+        _, s, vt = np.linalg.svd(z, full_matrices=False)
+        keep = s > s.max() * 1e-10 if s.size else s.astype(bool)
+        self.basis = vt[keep].T                          # (d, k), k <= min(n, d)
+        self.r = z @ self.basis
+
+    def solve(self, y: np.ndarray, lam: float, warm: np.ndarray | None = None
+              ) -> tuple[np.ndarray, float, np.ndarray]:
+        """(w, b) in raw features, and theta for a warm start of the next strength."""
+        theta = _newton(self.r, np.asarray(y, np.float64), self.offset, lam, start=warm)
+        w = (self.v0 + self.basis @ theta[:-1]) / self.st.sd
+        return w, float(self.start + theta[-1] - self.st.mu @ w), theta
+
+
 def fit_logistic(x: np.ndarray, y: np.ndarray, w0: np.ndarray, b0: float, lam: float
                  ) -> tuple[np.ndarray, float]:
     """L2-regularised logistic regression shrunk towards (w0, b0): (w, b) in raw features.
@@ -516,21 +543,8 @@ def fit_logistic(x: np.ndarray, y: np.ndarray, w0: np.ndarray, b0: float, lam: f
     problem is solved in at most min(n, d) dimensions (an SVD), which keeps 512
     features and a few hundred images fast.
     """
-    x = np.asarray(x, np.float64)
-    y = np.asarray(y, np.float64)
-    st = _Standardised.of(x)
-    z = st(x)
-    v0 = np.asarray(w0, np.float64) * st.sd
-    offset = z @ v0
-    _, s, vt = np.linalg.svd(z, full_matrices=False)
-    keep = s > s.max() * 1e-10 if s.size else s.astype(bool)
-    basis = vt[keep].T                                  # (d, k)
-    # x @ w + b = z @ (w * sd) + (b + mu @ w): start at the shipped head, move by
-    # basis @ u (penalised) and an intercept change c (free)
-    start = float(b0 + st.mu @ w0)
-    u, c = _newton(z @ basis, y, offset + start, lam)
-    w = (v0 + basis @ u) / st.sd
-    return w, float(start + c - st.mu @ w)
+    w, b, _ = _HeadDesign(x, w0, b0).solve(y, lam)
+    return w, b
 
 
 def fit_platt_logit(logit: np.ndarray, y: np.ndarray) -> tuple[float, float]:
@@ -538,7 +552,7 @@ def fit_platt_logit(logit: np.ndarray, y: np.ndarray) -> tuple[float, float]:
     towards (1, 0) so separable data stays finite."""
     z = np.asarray(logit, np.float64)[:, None]
     sd = float(z.std()) or 1.0
-    (u,), c = _newton(z / sd, np.asarray(y, np.float64), z[:, 0], 1e-4)
+    u, c = _newton(z / sd, np.asarray(y, np.float64), z[:, 0], 1e-4)
     return float(1.0 + u / sd), float(c)
 
 
@@ -585,20 +599,22 @@ def fit_head(site: SiteData, w0: np.ndarray, b0: float, fold: np.ndarray, refit:
                        {"method": "platt", "a": a, "c": c,
                         "formula": "p = sigmoid(a * logit + c), folded into the dense unit"})
     x = site.features
+    # strongest penalty first: each fit warm-starts the next, weaker one
+    order = sorted(grid, reverse=True)
+    oofs = {lam: np.zeros(len(y)) for lam in order}
+    for f in np.unique(fold):
+        tr = fold != f
+        design, warm = _HeadDesign(x[tr], w0, b0), None
+        for lam in order:
+            w, b, warm = design.solve(y[tr], lam, warm)
+            oofs[lam][~tr] = _sigmoid(x[~tr] @ w + b)
     table = []
-    best = None
-    for lam in grid:
-        oof = np.zeros(len(y))
-        for f in np.unique(fold):
-            tr = fold != f
-            w, b = fit_logistic(x[tr], y[tr], w0, b0, lam)
-            oof[~tr] = _sigmoid(x[~tr] @ w + b)
-        q = np.clip(oof, 1e-12, 1 - 1e-12)
+    for lam in sorted(grid):
+        q = np.clip(oofs[lam], 1e-12, 1 - 1e-12)
         loss = float(-np.mean(y * np.log(q) + (1 - y) * np.log(1 - q)))
-        table.append({"lambda": lam, "cv_log_loss": loss, "cv_auc": roc_auc(y, oof)})
-        if best is None or loss < best[0]:
-            best = (loss, lam, oof)
-    _, lam, oof = best
+        table.append({"lambda": lam, "cv_log_loss": loss, "cv_auc": roc_auc(y, oofs[lam])})
+    lam = min(table, key=lambda row: row["cv_log_loss"])["lambda"]
+    oof = oofs[lam]
     w, b = fit_logistic(x, y, w0, b0, lam)
     sd = x.std(axis=0)
     return HeadFit("head", w, b, oof, {
