@@ -48,7 +48,15 @@ def store(port: int, datasets: list, **kw) -> list[int]:
     assoc = associate(port, syntaxes=syntaxes, **kw)
     assert assoc.is_established
     try:
-        return [int(assoc.send_c_store(ds).Status) for ds in datasets]
+        statuses = []
+        for ds in datasets:
+            answer = assoc.send_c_store(ds)
+            if "Status" not in answer:  # no answer in 30 s: show where every thread is
+                import faulthandler
+                faulthandler.dump_traceback(all_threads=True)
+                raise AssertionError("C-STORE without an answer")
+            statuses.append(int(answer.Status))
+        return statuses
     finally:
         assoc.release()
 
@@ -182,6 +190,24 @@ def test_non_image_damaged_and_nested_instances_fail_cleanly(serve, tmp_path):
     bomb.SamplesPerPixel, bomb.PhotometricInterpretation = 1, "MONOCHROME2"
     bomb.BitsAllocated, bomb.BitsStored, bomb.HighBit, bomb.PixelRepresentation = 16, 12, 11, 0
     bomb.PixelData = b"\x00" * 1024
+    # pixel data shorter than Rows x Columns say, and RLE "compressed" garbage
+    short = F.base_dataset(ExplicitVRLittleEndian)
+    short.Rows = short.Columns = 512
+    short.SamplesPerPixel, short.PhotometricInterpretation = 1, "MONOCHROME2"
+    short.BitsAllocated, short.BitsStored, short.HighBit, short.PixelRepresentation = 8, 8, 7, 0
+    short.PixelData = b"\x07" * 1000
+    from pydicom.encaps import encapsulate
+    from pydicom.uid import RLELossless
+    garbage = F.base_dataset(RLELossless)
+    for key in ("Rows", "Columns", "SamplesPerPixel", "PhotometricInterpretation",
+                "BitsAllocated", "BitsStored", "HighBit", "PixelRepresentation"):
+        setattr(garbage, key, getattr(short, key))
+    garbage.PixelData = encapsulate([np.random.default_rng(1).bytes(4000)])
+    garbage["PixelData"].VR = "OB"
+    assert store(port, [short, garbage]) == [0, 0]
+    for bad in (short, garbage):
+        got = wait_until(lambda: finished(server, bad.SOPInstanceUID))
+        assert got["status"] == "failed" and got["reason"] and "\n" not in got["reason"]
     assert store(port, [no_pixels, nested, bomb]) == [0, 0, 0]
     refused = wait_until(lambda: finished(server, bomb.SOPInstanceUID))
     assert refused["status"] == "failed" and "too large" in refused["reason"]

@@ -121,4 +121,10 @@ def start_dicom(service: Service):
         return sock, address
 
     server.get_request = get_request
+
+    def handle_error(request, address) -> None:  # socketserver would print a traceback
+        import sys
+        log.error("DICOM connection ended by an error: %s", type(sys.exc_info()[1]).__name__)
+
+    server.handle_error = handle_error
     return server

@@ -42,6 +42,13 @@ def _setup_logging(level: str) -> None:
     logging.getLogger("pynetdicom").setLevel(max(root.level, logging.WARNING))
     logging.getLogger("pneumo_edge.serve").setLevel(min(root.level, logging.INFO))
 
+    def thread_error(args) -> None:  # instead of a traceback on stderr
+        if args.exc_type is not SystemExit:
+            log.error("thread %s ended by %s", getattr(args.thread, "name", "?"),
+                      args.exc_type.__name__)
+
+    threading.excepthook = thread_error
+
 
 class ServeResult:
     """How the server ended: ``signal`` (name) and the number of instances recovered."""
