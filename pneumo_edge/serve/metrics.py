@@ -11,6 +11,9 @@ __all__ = ["ServeMetrics", "CONTENT_TYPE_LATEST"]
 
 class ServeMetrics:
     def __init__(self) -> None:
+        # no *_created series next to every counter: half the text, nothing lost
+        from prometheus_client import disable_created_metrics
+        disable_created_metrics()
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter("pneumo_edge_http_requests", "HTTP requests by route and status",

@@ -13,6 +13,7 @@ import os
 import tempfile
 import threading
 from concurrent.futures import Future, wait
+from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +25,7 @@ from .batcher import Job, MicroBatcher
 from .config import ServeConfig
 from .metrics import ServeMetrics
 from .spool import Spool, valid_uid
-from .store import ResultStore
+from .store import ResultStore, utc_now
 
 __all__ = ["Service", "prediction_json", "STATUS_SUCCESS", "STATUS_OUT_OF_RESOURCES",
            "STATUS_CANNOT_UNDERSTAND"]
@@ -86,7 +87,10 @@ class Service:
                                     capacity=cfg.queue, workers=cfg.workers,
                                     on_batch=self._on_batch, metrics=self.metrics)
         self.token: bytes | None = None
-        self._inflight: set[str] = set()
+        #: instances acknowledged and not finished: uid -> (study, SOP class, received_at).
+        #: Kept in memory only: the spool file is the durable record until the result
+        #: row is committed (one fsync fewer per instance than a "pending" row).
+        self._inflight: dict[str, tuple[str | None, str | None, str]] = {}
         self._inflight_lock = threading.Lock()
         self.accepting = False
         self.recovered = 0
@@ -139,10 +143,14 @@ class Service:
             if row is not None and row["status"] in ("done", "failed"):
                 self.spool.retire(uid, self.cfg.keep_spool)  # crashed between commit and unlink
                 continue
-            if row is None:
-                self.store.add_pending(uid, *_header_uids(path))
+            study, sop_class = _header_uids(path)
+            try:  # received when it was written to the spool
+                received = datetime.fromtimestamp(path.stat().st_mtime, timezone.utc).isoformat(
+                    timespec="milliseconds")
+            except OSError:
+                received = utc_now()
             with self._inflight_lock:
-                self._inflight.add(uid)
+                self._inflight[uid] = (study, sop_class, received)
             self.batcher.force_admit()
             futures.append(self.batcher.submit(Job(path, "dicom", uid, uid=uid)))
         if futures:
@@ -178,15 +186,14 @@ class Service:
             if not self.accepting or not self.batcher.try_admit():
                 self.metrics.instances.labels("refused_busy").inc()
                 return STATUS_OUT_OF_RESOURCES
-            self._inflight.add(uid)
+            self._inflight[uid] = (study if valid_uid(study) else None,
+                                   sop_class if valid_uid(sop_class) else None, utc_now())
         try:
             path = self.spool.durable_write(self.spool.incoming, f"{uid}.dcm", data)
-            self.store.add_pending(uid, study if valid_uid(study) else None,
-                                   sop_class if valid_uid(sop_class) else None)
         except Exception as exc:  # noqa: BLE001 - a full disk: refuse, the sender retries
             log.error("could not spool an instance: %s", exc)
             with self._inflight_lock:
-                self._inflight.discard(uid)
+                self._inflight.pop(uid, None)
             self.batcher.release()
             self.metrics.instances.labels("error").inc()
             return STATUS_OUT_OF_RESOURCES
@@ -196,7 +203,14 @@ class Service:
 
     def result(self, uid: str) -> dict | None:
         """What ``GET /v1/results/{uid}`` answers (None: unknown)."""
-        row = self.store.get(uid) if valid_uid(uid) else None
+        if not valid_uid(uid):
+            return None
+        with self._inflight_lock:
+            pending = self._inflight.get(uid)
+        row = self.store.get(uid)
+        if row is None and pending is not None:
+            return {"sop_instance_uid": uid, "study_instance_uid": pending[0],
+                    "received_at": pending[2], "status": "pending", "completed_at": None}
         if row is None:
             return None
         out = dict(row["record"] or {})
@@ -217,19 +231,22 @@ class Service:
         for job, rec in results:
             if job.door != "dicom":
                 continue
+            with self._inflight_lock:
+                study, sop_class, received = self._inflight.get(job.uid) or (None, None, None)
             if isinstance(rec, Prediction):
-                rows.append((job.uid, "done", None, prediction_json(rec, self.model)))
+                rows.append((job.uid, "done", None, prediction_json(rec, self.model), study,
+                             sop_class, received))
                 if self.forwarder is not None:
                     self.forwarder.prepare(job.uid, job.path, rec)
             else:
-                rows.append((job.uid, "failed", rec.error, None))
+                rows.append((job.uid, "failed", rec.error, None, study, sop_class, received))
         if not rows:
             return
         self.store.finish_many(rows)
         for uid, *_ in rows:
             self.spool.retire(uid, self.cfg.keep_spool)
             with self._inflight_lock:
-                self._inflight.discard(uid)
+                self._inflight.pop(uid, None)
         if self.forwarder is not None:
             self.forwarder.wake()
 

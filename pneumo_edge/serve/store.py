@@ -1,8 +1,9 @@
 """The result store: one SQLite row per SOP Instance UID (standard library only).
 
-A row is written ``pending`` when an instance is acknowledged and becomes
-``done`` (with the prediction record as JSON) or ``failed`` (with its reason)
-once. The primary key makes a second send of the same instance the same row.
+A row is written once an instance's result is known: ``done`` (with the
+prediction record as JSON) or ``failed`` (with its reason); while it is
+pending the spool file is its durable record and the server answers "pending"
+from memory. The primary key makes a second send of the same instance the same row.
 WAL journal with ``synchronous=FULL``: a committed result survives ``kill -9``
 and a power cut, which is what allows the spool file to be removed after it.
 """
@@ -52,47 +53,31 @@ class ResultStore:
         with self._lock:
             self._db.close()
 
-    def add_pending(self, uid: str, study: str | None, sop_class: str | None,
-                    received_at: str | None = None) -> str | None:
-        """Record an acknowledged instance; returns the status it already had (None: new)."""
-        with self._lock:
-            row = self._db.execute("SELECT status FROM results WHERE sop_instance_uid = ?",
-                                   (uid,)).fetchone()
-            if row is not None:
-                return row[0]
-            self._db.execute(
-                "INSERT INTO results (sop_instance_uid, study_instance_uid, sop_class_uid, "
-                "received_at, status) VALUES (?, ?, ?, ?, 'pending')",
-                (uid, study, sop_class, received_at or utc_now()))
-            return None
-
-    def finish_many(self, rows: list[tuple[str, str, str | None, dict | None]]) -> None:
-        """Store results in one transaction: (uid, 'done'|'failed', reason, record)."""
+    def finish_many(self, rows: list[tuple]) -> None:
+        """Store results in one transaction: (uid, 'done'|'failed', reason, record,
+        study, SOP class, received_at); a row already there is updated (one per UID)."""
         if not rows:
             return
         now = utc_now()
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:
-                for uid, status, reason, record in rows:
+                for uid, status, reason, record, study, sop_class, received in rows:
                     self._db.execute(
-                        "INSERT INTO results (sop_instance_uid, received_at, status, reason, "
-                        "record, completed_at) VALUES (?, ?, ?, ?, ?, ?) "
+                        "INSERT INTO results (sop_instance_uid, study_instance_uid, "
+                        "sop_class_uid, received_at, status, reason, record, completed_at) "
+                        "VALUES (?, ?, ?, ?, ?, ?, ?, ?) "
                         "ON CONFLICT(sop_instance_uid) DO UPDATE SET status = excluded.status, "
                         "reason = excluded.reason, record = excluded.record, "
-                        "completed_at = excluded.completed_at",
-                        (uid, now, status, reason,
+                        "completed_at = excluded.completed_at, study_instance_uid = "
+                        "COALESCE(excluded.study_instance_uid, study_instance_uid), "
+                        "sop_class_uid = COALESCE(excluded.sop_class_uid, sop_class_uid)",
+                        (uid, study, sop_class, received or now, status, reason,
                          None if record is None else json.dumps(record, allow_nan=False), now))
                 self._db.execute("COMMIT")
             except BaseException:
                 self._db.execute("ROLLBACK")
                 raise
-
-    def set_study(self, uid: str, study: str | None, sop_class: str | None) -> None:
-        with self._lock:
-            self._db.execute("UPDATE results SET study_instance_uid = COALESCE(?, "
-                             "study_instance_uid), sop_class_uid = COALESCE(?, sop_class_uid) "
-                             "WHERE sop_instance_uid = ?", (study, sop_class, uid))
 
     def set_forwarded(self, uid: str, state: str) -> None:
         with self._lock:
