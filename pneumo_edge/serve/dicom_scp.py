@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import io
 import logging
+import socket
 
 from pynetdicom import AE, evt
 from pynetdicom.sop_class import Verification
@@ -118,6 +119,9 @@ def start_dicom(service: Service):
     def get_request():
         sock, address = accept()
         sock.settimeout(cfg.dicom_timeout_s)
+        # pynetdicom leaves Nagle on: a C-STORE response then waited up to 40 ms for the
+        # sender's delayed ACK
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         return sock, address
 
     server.get_request = get_request

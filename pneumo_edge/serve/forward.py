@@ -99,6 +99,16 @@ def build_sr(source: Path, pred, model) -> "object":
         is_complete=True, is_final=False, is_verified=False)
 
 
+def _no_delay(event) -> None:
+    """TCP_NODELAY on the forwarding connection (pynetdicom leaves Nagle on, and each
+    C-STORE then waited up to 40 ms for a delayed ACK)."""
+    import socket
+
+    sock = getattr(getattr(event.assoc.dul, "socket", None), "socket", None)
+    if sock is not None:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
 class Forwarder:
     """Builds reports into the outbox and sends them from one thread."""
 
@@ -159,12 +169,13 @@ class Forwarder:
             self._wake.clear()
 
     def _send(self, files: list[Path]) -> None:
-        from pynetdicom import AE
+        from pynetdicom import AE, evt
 
         ae = AE(ae_title=self.cfg.ae_title)
         ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = self.cfg.dicom_timeout_s
         ae.add_requested_context(COMPREHENSIVE_SR, ["1.2.840.10008.1.2.1"])
-        assoc = ae.associate(self.target.host, self.target.port, ae_title=self.target.ae_title)
+        assoc = ae.associate(self.target.host, self.target.port, ae_title=self.target.ae_title,
+                             evt_handlers=[(evt.EVT_CONN_OPEN, _no_delay)])
         if not assoc.is_established:
             for f in files:
                 self._failed(f, "association not established")

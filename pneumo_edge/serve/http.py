@@ -41,25 +41,19 @@ class _BodyTooLarge(Exception):
     pass
 
 
-def create_app(service: Service) -> FastAPI:
-    """The ASGI app; ``service`` must be started."""
+def create_app(service: Service) -> "_Counted":
+    """The ASGI app (FastAPI inside a counting wrapper); ``service`` must be started."""
     cfg = service.cfg
     max_body = cfg.max_body_bytes()
     app = FastAPI(title="pneumo-edge", version=__version__, docs_url=None, redoc_url=None,
                   openapi_url=None)
     metrics = service.metrics
 
-    @app.middleware("http")
-    async def count(request: Request, call_next):
-        path = request.url.path
-        route = _ROUTES.get(path, "results" if path.startswith("/v1/results/") else "other")
-        try:
-            response = await call_next(request)
-        except Exception as exc:  # noqa: BLE001 - one line in the log, never a traceback
-            log.error("internal error on %s: %s", route, type(exc).__name__)
-            response = _error(500, "internal error")
-        metrics.requests.labels(route, str(response.status_code)).inc()
-        return response
+    @app.exception_handler(Exception)
+    async def internal(request: Request, exc: Exception):
+        # one line in the log, never a traceback, never the exception's text to the client
+        log.error("internal error on %s: %s", _route(request.url.path), type(exc).__name__)
+        return _error(500, "internal error")
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException):
@@ -157,4 +151,35 @@ def create_app(service: Service) -> FastAPI:
     async def prometheus():
         return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
-    return app
+    return _Counted(app, metrics)
+
+
+def _route(path: str) -> str:
+    """A fixed word for the metrics' route label: never a UID or anything a client sent."""
+    return _ROUTES.get(path, "results" if path.startswith("/v1/results/") else "other")
+
+
+class _Counted:
+    """Pure ASGI wrapper counting responses by route and status (a BaseHTTPMiddleware
+    would add a task and a copy of every body per request)."""
+
+    def __init__(self, app: FastAPI, metrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        status = {"code": 500}
+
+        async def counting_send(message) -> None:
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, counting_send)
+        finally:
+            self.metrics.requests.labels(_route(scope.get("path", "")),
+                                         str(status["code"])).inc()
