@@ -44,14 +44,18 @@ def prediction_json(pred: Prediction, model: PneumoModel) -> dict:
 
     The probability is the float ``predict`` computed, unrounded: JSON keeps it exact.
     """
-    return {"probability": pred.probability, "label": pred.label, "threshold": pred.threshold,
-            "ood_score": None if pred.ood_score is None or not np.isfinite(pred.ood_score)
-            else pred.ood_score,
-            "in_distribution": pred.in_distribution, "flagged": pred.flagged,
-            "warnings": list(pred.warnings), "dicom": pred.dicom,
-            "model": {"name": model.path.name, "sha256": model.sha256,
-                      "precision": model.precision},
-            "pneumo_edge_version": __version__}
+    out = {"probability": pred.probability, "label": pred.label, "threshold": pred.threshold,
+           "ood_score": None if pred.ood_score is None or not np.isfinite(pred.ood_score)
+           else pred.ood_score,
+           "in_distribution": pred.in_distribution, "flagged": pred.flagged,
+           "warnings": list(pred.warnings), "dicom": pred.dicom,
+           "model": {"name": model.path.name, "sha256": model.sha256,
+                     "precision": model.precision},
+           "pneumo_edge_version": __version__}
+    lung_box = getattr(pred, "lung_box", None)  # models with the lung-field stage
+    if lung_box is not None:
+        out["lung_box"] = list(lung_box)
+    return out
 
 
 def heatmap_png(path: Path, pred: Prediction) -> str | None:
@@ -68,7 +72,7 @@ def heatmap_png(path: Path, pred: Prediction) -> str | None:
     except ImageDecodeError:
         return None
     image = overlay(gray, pred.cam.astype(np.float32),
-                    f"P(PNEUMONIA) {pred.probability:.3f}: {pred.label}")
+                    f"P(PNEUMONIA) {pred.probability:.3f}: {pred.label}", box=pred.lung_box)
     ok, buf = cv2.imencode(".png", image)
     return base64.b64encode(buf.tobytes()).decode("ascii") if ok else None
 
