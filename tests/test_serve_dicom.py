@@ -129,6 +129,14 @@ def test_echo_and_store_in_many_transfer_syntaxes_match_predict(serve, variants)
         text = json.dumps(got)
         for planted in (F.PATIENT_NAME, "Zyxwort", F.PATIENT_ID, F.ACCESSION, F.BIRTH_DATE):
             assert planted not in text
+    # the same files posted over HTTP: the same probabilities
+    with httpx.Client(base_url=server.url, timeout=60) as c:
+        for name in ("mono1_12bit_rescale_window", "mono2_12bit_j2k", "jpeg_baseline"):
+            r = c.post("/v1/predict", content=variants[name].read_bytes())
+            assert r.status_code == 200, r.text
+            assert r.json()["probability"] == expected[str(variants[name])].probability, name
+            assert r.json()["dicom"]["modality"] == "CR"
+            assert F.PATIENT_NAME not in r.text
     # acknowledged instances leave the spool once their result is stored
     assert list((server.cfg.spool / "incoming").iterdir()) == []
     with httpx.Client(base_url=server.url, timeout=30) as c:
