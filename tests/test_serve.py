@@ -366,3 +366,29 @@ def test_cli_serve_without_the_model_is_exit_2(tmp_path):
     r = CliRunner().invoke(app, ["serve", "--forward", "nonsense", "--dicom-port", "0",
                                  "--port", "0", "--spool", str(tmp_path / "s")])
     assert r.exit_code == 2 and "AE@host:port" in r.output
+
+
+def test_an_internal_error_is_a_json_500_and_the_server_goes_on(serve, tiny, tmp_path,
+                                                                 monkeypatch, caplog):
+    import logging
+
+    import pneumo_edge.serve.batcher as batcher
+
+    real = batcher.batch_records
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("something the model code did not expect")
+
+    monkeypatch.setattr(batcher, "batch_records", broken)
+    server = serve(tiny)
+    img = textured_jpeg(tmp_path / "g.jpeg")
+    with caplog.at_level(logging.ERROR, logger="pneumo_edge.serve"):
+        with httpx.Client(base_url=server.url, timeout=30) as c:
+            r = c.post("/v1/predict", content=img)
+            assert r.status_code == 500
+            assert r.json() == {"error": "internal error (RuntimeError)"}
+            monkeypatch.setattr(batcher, "batch_records", real)
+            assert c.post("/v1/predict", content=img).status_code == 200  # thread still alive
+            assert c.get("/readyz").status_code == 200
+    assert any("RuntimeError" in rec.getMessage() for rec in caplog.records)
+    assert not any(rec.exc_info for rec in caplog.records if rec.name.startswith("pneumo_edge"))
