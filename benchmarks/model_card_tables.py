@@ -22,6 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from pneumo_edge.metrics import binary_metrics  # noqa: E402
+from pneumo_edge.io import atomic_write  # noqa: E402
 from pneumo_edge.robustness import ZOOM_ROWS, read_split_csv, run_suite  # noqa: E402
 from pneumo_edge.runtime import load_model, read_metadata  # noqa: E402
 
@@ -165,7 +166,7 @@ def main() -> None:
     head, rest = text.split(START, 1)
     _, tail = rest.split(END, 1)
     generated = tables(with_tradeoff="--no-tradeoff" not in sys.argv[1:])
-    card.write_text(head + START + "\n" + generated + END + tail)
+    atomic_write(card, head + START + "\n" + generated + END + tail)
     print(generated)
 
 

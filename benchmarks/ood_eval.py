@@ -38,6 +38,7 @@ sys.path.insert(0, str(ROOT))
 SHARED = ROOT.parent / "shared" / "data" / "chest_xray" / "train"
 
 from pneumo_edge.heatmap import cam_mass_in_box  # noqa: E402
+from pneumo_edge.io import atomic_write  # noqa: E402
 from pneumo_edge.images import decode_gray  # noqa: E402
 from pneumo_edge.predict import predict_paths  # noqa: E402
 from pneumo_edge.runtime import default_model_path, load_model  # noqa: E402
@@ -219,8 +220,8 @@ def main() -> None:
     if args.before:
         res["cam_mass"].insert(0, cam_mass(args.before, pneu, old=True))
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "ood_results.json").write_text(json.dumps(res, indent=2) + "\n")
-    (args.out / "ood_results.md").write_text(render(res))
+    atomic_write(args.out / "ood_results.json", json.dumps(res, indent=2) + "\n")
+    atomic_write(args.out / "ood_results.md", render(res))
     print(render(res))
 
 

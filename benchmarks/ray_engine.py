@@ -24,6 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from pneumo_edge.benchmark import machine_info  # noqa: E402
+from pneumo_edge.io import atomic_write  # noqa: E402
 from pneumo_edge.images import collect_labelled  # noqa: E402
 from pneumo_edge.predict import predict_paths  # noqa: E402
 from pneumo_edge.runtime import load_model  # noqa: E402
@@ -89,8 +90,8 @@ def main() -> None:
     results["cost_model"] = cost_model(results)
     ray.shutdown()
     out = Path(args.out)
-    (out / "ray_results.json").write_text(json.dumps(results, indent=2) + "\n")
-    (out / "ray_results.md").write_text(render(results))
+    atomic_write(out / "ray_results.json", json.dumps(results, indent=2) + "\n")
+    atomic_write(out / "ray_results.md", render(results))
     print(render(results))
 
 

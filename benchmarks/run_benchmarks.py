@@ -37,6 +37,7 @@ sys.path.insert(0, str(ROOT))
 
 from pneumo_edge.benchmark import machine_info, markdown_table, run_benchmark, time_runs  # noqa: E402
 from pneumo_edge.images import collect_images  # noqa: E402
+from pneumo_edge.io import atomic_write  # noqa: E402
 from pneumo_edge.predict import predict_paths  # noqa: E402
 from pneumo_edge.preprocess import load_image  # noqa: E402
 from pneumo_edge.runtime import load_model  # noqa: E402
@@ -152,7 +153,7 @@ def main() -> None:
         f = res["formats"]
         table = BenchmarkResult(f["machine"], f["n_images"], f["n_labelled"], f["batch_sizes"],
                                 [BenchmarkRow(**r) for r in f["rows"]])
-        (args.out / "results.md").write_text(render(res, table))
+        atomic_write(args.out / "results.md", render(res, table))
         print((args.out / "results.md").read_text())
         return
     if not (SHARED / "chest_xray" / "train").is_dir():
@@ -187,7 +188,7 @@ def main() -> None:
                    for b in (1, 8)}
             results["int8_comparison"].append({
                 "model": str(path.relative_to(ROOT) if path.is_relative_to(ROOT) else path),
-                "outputs": m.output_names, "input_size": m.metadata.raw["input_size"],
+                "outputs": m.output_names, "input_size": [m.preprocess.height, m.preprocess.width],
                 "latency": lat})
             print(results["int8_comparison"][-1])
 
@@ -226,8 +227,8 @@ def main() -> None:
     shutil.rmtree(tmp, ignore_errors=True)
 
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    (args.out / "results.md").write_text(render(results, table))
+    atomic_write(args.out / "results.json", json.dumps(results, indent=2) + "\n")
+    atomic_write(args.out / "results.md", render(results, table))
     print((args.out / "results.md").read_text())
 
 

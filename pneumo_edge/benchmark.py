@@ -20,6 +20,7 @@ import numpy as np
 from . import __version__
 from .images import collect_labelled
 from .metrics import binary_metrics
+from .options import BENCH_BATCH_SIZES, BENCH_SECONDS, Device
 from .preprocess import PreprocessConfig, load_image
 from .runtime import PneumoModel, load_model, physical_cores
 
@@ -124,8 +125,8 @@ def _score(predict: Callable[[np.ndarray], np.ndarray], x: np.ndarray, labels: n
 def run_benchmark(models: Sequence[str | os.PathLike], *, data: str | os.PathLike | None = None,
                   keras_source: str | os.PathLike | None = None,
                   keras_loader: Callable | None = None,
-                  batch_sizes: Sequence[int] = (1, 8, 32), threads: int | None = None,
-                  device: str = "cpu", min_seconds: float = 1.0,
+                  batch_sizes: Sequence[int] = BENCH_BATCH_SIZES, threads: int | None = None,
+                  device: str = Device.cpu.value, min_seconds: float = BENCH_SECONDS.default,
                   progress: Callable[[str], None] | None = None) -> BenchmarkResult:
     """Benchmark ONNX models (and optionally the Keras source) on the same images.
 

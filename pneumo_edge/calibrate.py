@@ -934,7 +934,7 @@ def calibrate(model: str | os.PathLike, data: str | os.PathLike, out: str | os.P
     report = {"model": str(out), "parent": str(model), **block,
               "warnings": warnings,
               "failures": [{"path": p, "error": e} for p, e in site.failures]}
-    from .report import write_set
+    from .io import write_set
 
     rpath = report_path_for(out)
     write_set({out: payload, rpath: json.dumps(_finite(report), indent=2) + "\n"})

@@ -9,15 +9,18 @@ escape bytes prints as it is named.
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-__all__ = ["console", "err", "plain", "say", "render_train_result", "render_export",
-           "render_predictions", "render_summary", "render_info", "render_robustness",
-           "render_benchmark", "render_calibration"]
+__all__ = ["console", "err", "plain", "say", "warn", "fail_line", "progress",
+           "render_train_start", "render_epoch", "render_train_result", "render_export",
+           "render_ensemble", "render_predictions", "render_failures", "render_run",
+           "render_summary", "render_info", "render_robustness", "render_benchmark",
+           "render_calibration"]
 
 console = Console()
 err = Console(stderr=True)
@@ -37,14 +40,67 @@ def say(message: str) -> None:
     err.print(plain(message, "dim"), highlight=False)
 
 
+def warn(message: str) -> None:
+    """A yellow note on stderr."""
+    err.print(plain(message, "yellow"), highlight=False)
+
+
+#: Longer messages (a library quoting a whole tensor) are cut: one readable line.
+MAX_ERROR_CHARS = 600
+
+
+def fail_line(message: str) -> None:
+    """The one line of an error, on stderr."""
+    if len(message) > MAX_ERROR_CHARS:
+        message = (message[:MAX_ERROR_CHARS]
+                   + f"... [{len(message) - MAX_ERROR_CHARS} more characters]")
+    err.print(Text("error: ", style="bold red") + plain(message), highlight=False,
+              soft_wrap=True)
+
+
+@contextmanager
+def progress(total: int, description: str, quiet: bool = False):
+    """A transient progress bar on stderr; yields the callback taking the files done
+    (None when quiet or for a single file)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
+
+    if quiet or total < 2:
+        yield None
+        return
+    with Progress("[progress.description]{task.description}", BarColumn(),
+                  MofNCompleteColumn(), TimeRemainingColumn(), console=err,
+                  transient=True) as bar:
+        task = bar.add_task(description, total=total)
+        yield lambda n: bar.update(task, completed=n)
+
+
+def render_train_start(resolved: dict) -> None:
+    console.print(
+        f"training {resolved['arch']} at {resolved['img_size']} px on "
+        f"{', '.join(resolved['devices'])} ({resolved['precision_policy']}): "
+        f"{resolved['n_train']} train / {resolved['n_val']} validation images, "
+        f"{resolved['split']} split", highlight=False)
+
+
+def render_epoch(epoch: int, logs: dict) -> None:
+    nan = float("nan")
+    console.print(
+        f"epoch {epoch + 1:>3}  loss {logs.get('loss', nan):.4f}  "
+        f"auc {logs.get('auc', nan):.4f}  val_loss {logs.get('val_loss', nan):.4f}  "
+        f"val_auc {logs.get('val_auc', nan):.4f}  "
+        f"robust {logs.get('val_robust_auc', nan):.4f}  lr {logs.get('learning_rate', 0):.2e}  "
+        f"{logs.get('epoch_seconds', 0):.0f} s",
+        highlight=False)
+
+
 def _fmt(v, spec: str = ".4f") -> str:
     return "n/a" if v is None else format(v, spec)
 
 
 def render_train_result(result) -> None:
     m = result.val_metrics
-    if not m:  # a worker that is not the chief of a multi-worker run
-        console.print(plain(f"training finished: {result.threshold_rule} "
+    if result.worker_note:  # a worker that is not the chief of a multi-worker run
+        console.print(plain(f"training finished: {result.worker_note} "
                             f"({result.epochs_run} epochs, {result.seconds / 60:.1f} min)"),
                       highlight=False)
         return
@@ -70,7 +126,7 @@ def render_train_result(result) -> None:
                   "on new sites; not a medical device.[/]")
 
 
-def render_export(result, out: Path, set_default: bool) -> None:
+def render_export(result, set_default: bool) -> None:
     table = Table(title=f"exported (threshold {result.threshold:.4f}, {result.threshold_rule}; "
                         f"{result.n_val} validation images)", title_justify="left")
     for col in ("precision", "file", "MB", "max|Δp| vs Keras", "agree", "AUC", "sens", "spec"):
@@ -97,6 +153,7 @@ def render_export(result, out: Path, set_default: bool) -> None:
         if parts:
             console.print(plain(f"{r.precision}: " + "; ".join(parts)), highlight=False)
     if set_default:
+        out = result.out_dir
         default = (out / "default.txt").read_text().strip()
         console.print(plain(f"predict's default model: {out / default}"), highlight=False)
 
@@ -153,6 +210,31 @@ def render_failures(run) -> None:
     for f in run.failures:
         err.print(Text("failed: ", style="red") + plain(f"{f.path}: {f.error}"),
                   highlight=False, soft_wrap=True)
+
+
+def render_serving(where: dict, ae_title: str) -> None:
+    """The line ``serve`` prints once both doors are open."""
+    h, p = where["http"]
+    line = f"serving http://{h}:{p}"
+    if where["dicom"]:
+        line += f" and DICOM {ae_title}@{where['dicom'][0]}:{where['dicom'][1]}"
+    if where["recovered"]:
+        line += f"; {where['recovered']} instances recovered from the spool"
+    err.print(plain(line), highlight=False)
+
+
+def render_run(run, written: dict, limit: int, quiet: bool, notes=(),
+               disclaimer: str = "") -> None:
+    """The terminal side of predict, either engine: table, failures, summary, files."""
+    if not quiet:
+        render_predictions(run, limit, written.get("csv"))
+    render_failures(run)
+    render_summary(run)
+    for path in written.values():
+        console.print(Text("wrote ") + plain(path), highlight=False)
+    for text, style in notes:
+        console.print(plain(text, style or None), highlight=False)
+    console.print(Text(disclaimer, style="dim"))
 
 
 def render_summary(run) -> None:

@@ -31,12 +31,12 @@ import warnings
 
 import numpy as np
 
+#: What a prediction reports about a DICOM file; nothing else is read out of it.
+from .records import DICOM_FACTS as FACT_KEYS
+
 __all__ = ["FACT_KEYS", "IDENTIFYING", "LATERAL_VIEWS", "DicomError", "decode_dicom",
            "supported_transfer_syntaxes"]
 
-#: What a prediction reports about a DICOM file; nothing else is read out of it.
-FACT_KEYS = ("modality", "view_position", "photometric_interpretation", "bits_stored",
-             "transfer_syntax")
 #: Views the model was not trained on (it saw frontal PA/AP chest X-rays).
 LATERAL_VIEWS = frozenset({"LL", "RL", "LATERAL", "LAT"})
 #: Modalities of projection radiographs (CR, DX), mammography-free; OT and SC are

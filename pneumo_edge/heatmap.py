@@ -19,6 +19,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from .io import atomic_write
+
 __all__ = ["overlay", "write_overlay", "heatmap_name", "cam_mass_in_box", "normalised"]
 
 
@@ -73,8 +75,6 @@ def heatmap_name(index: int, path: str | os.PathLike) -> str:
 
 
 def write_overlay(out_path: str | os.PathLike, image: np.ndarray) -> None:
-    from .report import atomic_write
-
     ok, buf = cv2.imencode(".png", image)
     if not ok:
         raise OSError(f"{out_path}: PNG encoding failed")

@@ -18,6 +18,8 @@ from typing import Iterable
 import cv2
 import numpy as np
 
+from .metadata import CLASS_NAMES
+
 __all__ = [
     "DICOM_EXTENSIONS",
     "IMAGE_EXTENSIONS",
@@ -43,7 +45,6 @@ DICOM_EXTENSIONS = frozenset({".dcm", ".dicom", ".dic"})
 #: Names skipped when walking folders: the index file of a DICOM CD or archive
 #: export is DICOM but holds no image.
 _SKIPPED_NAMES = frozenset({"DICOMDIR"})
-CLASS_NAMES = ("NORMAL", "PNEUMONIA")
 
 #: Files larger than this are refused before reading (no X-ray is this big).
 MAX_FILE_BYTES = 256 * 1024 * 1024

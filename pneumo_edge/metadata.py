@@ -32,7 +32,7 @@ used to compute a prediction.
 The graph is checked against it too: one float32 NHWC input named
 ``input_name`` with a dynamic batch dimension, its height, width and channels
 equal to the metadata's when they are static; a first output of one
-probability per image.
+probability per image; the outputs named as ``outputs`` lists them, when it does.
 """
 
 from __future__ import annotations
@@ -42,14 +42,20 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-from .preprocess import PreprocessConfig
-
-__all__ = ["METADATA_KEY", "SCHEMA_VERSION", "ModelMetadata", "MetadataError", "parse",
-           "validate", "finite_json", "CLASS_NAMES", "PRECISIONS", "RESIZE_RULES"]
+__all__ = ["METADATA_KEY", "SCHEMA_VERSION", "ModelMetadata", "OutputSpec", "PreprocessConfig",
+           "MetadataError", "parse", "validate", "finite_json", "CLASS_NAMES", "POSITIVE_CLASS",
+           "PROB_OUTPUT", "CAM_OUTPUT", "OOD_OUTPUT", "LUNG_BOX_OUTPUT", "LUNG_AREA_OUTPUT",
+           "PRECISIONS", "RESIZE_RULES"]
 
 METADATA_KEY = "pneumo_edge"
 SCHEMA_VERSION = 1
+#: The two classes, in the order of the labels 0 and 1 everywhere (folders, splits, models).
 CLASS_NAMES = ("NORMAL", "PNEUMONIA")
+POSITIVE_CLASS = "PNEUMONIA"
+#: The graph's outputs: the probability first, then the optional heads (and, for models
+#: with the lung-field stage, the box it cropped and the lung share of the frame).
+PROB_OUTPUT, CAM_OUTPUT, OOD_OUTPUT = "pneumonia_prob", "cam", "ood"
+LUNG_BOX_OUTPUT, LUNG_AREA_OUTPUT = "lung_box", "lung_area"
 PRECISIONS = ("fp32", "fp16", "int8")
 RESIZE_RULES = ("area", "linear", "cubic", "nearest")
 MIN_SIDE, MAX_SIDE = 8, 4096
@@ -73,26 +79,103 @@ def _int(v, key: str, lo: int, hi: int) -> int:
 
 
 @dataclass(frozen=True)
+class PreprocessConfig:
+    """How a decoded image becomes the model's input tensor (one image, HWC).
+
+    Attributes:
+        height, width: the model's input size in pixels.
+        channels: 1, or 3 for the grey level repeated (the X-ray is greyscale).
+        value_range: the input values that pixel 0 and pixel 255 map to.
+        resize: OpenCV interpolation name used to reach ``height`` x ``width``.
+    """
+
+    height: int
+    width: int
+    channels: int = 3
+    value_range: tuple[float, float] = (0.0, 255.0)
+    resize: str = "area"
+
+    def to_metadata(self) -> dict[str, Any]:
+        return {"input_size": [self.height, self.width], "channels": self.channels,
+                "value_range": list(self.value_range), "resize": self.resize}
+
+
+@dataclass(frozen=True)
+class OutputSpec:
+    """One graph output as the metadata describes it."""
+
+    name: str
+    shape: tuple | None = None
+    description: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"name": self.name}
+        if self.shape is not None:
+            d["shape"] = list(self.shape)
+        if self.description is not None:
+            d["description"] = self.description
+        return d
+
+
+#: The keys :class:`ModelMetadata` owns as typed fields; every other key is provenance.
+CONTRACT_KEYS = ("schema", "input_name", "input_size", "channels", "value_range", "resize",
+                 "class_names", "positive_class", "threshold", "threshold_rule", "precision",
+                 "outputs", "ood")
+#: Provenance every exported model carries (never read to compute a prediction).
+PROVENANCE_KEYS = ("arch", "trained_on", "val_metrics", "calibration", "versions", "created",
+                   "pneumo_edge_version")
+
+
+@dataclass(frozen=True)
 class ModelMetadata:
-    """The parsed, validated contract of one model (see the module docstring)."""
+    """The contract of one model, typed; :func:`validate` builds it from the JSON object
+    and :meth:`to_dict` writes that object back (``validate(m.to_dict()) == m``).
+
+    Attributes:
+        outputs: the graph's outputs as the metadata lists them (empty: the model
+            does not list them; its graph is then the description).
+        ood: the OOD head's record ({threshold, threshold_rule, ...}) or None.
+        provenance: every other key (arch, trained_on, val_metrics, robustness,
+            created, versions...): kept and shown, never used to compute a prediction.
+    """
 
     schema: int
     input_name: str
     preprocess: PreprocessConfig
     threshold: float
     precision: str
-    threshold_rule: str = ""
-    output_names: tuple[str, ...] = ("pneumonia_prob",)
-    ood_threshold: float | None = None
-    raw: Mapping[str, Any] = field(default_factory=dict, repr=False, compare=False)
+    threshold_rule: str | None = None
+    outputs: tuple[OutputSpec, ...] = ()
+    ood: Mapping[str, Any] | None = None
+    provenance: Mapping[str, Any] = field(default_factory=dict, repr=False)
 
     @property
     def class_names(self) -> tuple[str, str]:
         return CLASS_NAMES
 
+    @property
+    def output_names(self) -> tuple[str, ...]:
+        return tuple(o.name for o in self.outputs)
+
+    @property
+    def ood_threshold(self) -> float | None:
+        return None if self.ood is None else float(self.ood["threshold"])
+
     def to_dict(self) -> dict[str, Any]:
-        """The JSON object as stored (provenance keys included)."""
-        return dict(self.raw)
+        """The JSON object stored in the model (contract keys first, then provenance)."""
+        d: dict[str, Any] = {"schema": self.schema, "input_name": self.input_name,
+                             **self.preprocess.to_metadata(),
+                             "class_names": list(CLASS_NAMES), "positive_class": POSITIVE_CLASS,
+                             "threshold": self.threshold}
+        if self.threshold_rule is not None:
+            d["threshold_rule"] = self.threshold_rule
+        d["precision"] = self.precision
+        d.update({k: v for k, v in self.provenance.items() if k not in CONTRACT_KEYS})
+        if self.ood is not None:
+            d["ood"] = dict(self.ood)
+        if self.outputs:
+            d["outputs"] = [o.to_dict() for o in self.outputs]
+        return d
 
 
 REQUIRED = ("schema", "input_name", "input_size", "channels", "class_names", "positive_class",
@@ -130,8 +213,9 @@ def validate(meta: Mapping[str, Any]) -> ModelMetadata:
     if not isinstance(names, (list, tuple)) or list(names) != list(CLASS_NAMES):
         raise MetadataError(f"'class_names' must be {list(CLASS_NAMES)}, "
                             f"got {meta['class_names']!r}")
-    if meta["positive_class"] != "PNEUMONIA":
-        raise MetadataError(f"'positive_class' must be 'PNEUMONIA', got {meta['positive_class']!r}")
+    if meta["positive_class"] != POSITIVE_CLASS:
+        raise MetadataError(f"'positive_class' must be {POSITIVE_CLASS!r}, "
+                            f"got {meta['positive_class']!r}")
     threshold = _number(meta, "threshold")
     if not 0.0 <= threshold <= 1.0:
         raise MetadataError(f"'threshold' {threshold!r} is not a probability")
@@ -147,11 +231,10 @@ def validate(meta: Mapping[str, Any]) -> ModelMetadata:
     resize = meta.get("resize", "area")
     if resize not in RESIZE_RULES:
         raise MetadataError(f"'resize' must be one of {', '.join(RESIZE_RULES)}, got {resize!r}")
-    outputs = meta.get("outputs") or [{"name": "pneumonia_prob"}]
+    outputs = meta.get("outputs", [])
     if not isinstance(outputs, list) or not all(isinstance(o, Mapping) and isinstance(
             o.get("name"), str) for o in outputs):
         raise MetadataError("'outputs' must be a list of objects with a 'name'")
-    ood_thr = None
     ood = meta.get("ood")
     if ood is not None:
         if not isinstance(ood, Mapping):
@@ -159,14 +242,17 @@ def validate(meta: Mapping[str, Any]) -> ModelMetadata:
         ood_thr = _number(ood, "threshold")
         if ood_thr <= 0:
             raise MetadataError(f"'ood.threshold' must be positive, got {ood_thr!r}")
-    rule = meta.get("threshold_rule", "")
+    rule = meta.get("threshold_rule")
     return ModelMetadata(
         schema=schema, input_name=name,
         preprocess=PreprocessConfig(height, width, channels, (lo, hi), resize),
         threshold=threshold, precision=precision,
-        threshold_rule=rule if isinstance(rule, str) else str(rule),
-        output_names=tuple(o["name"] for o in outputs), ood_threshold=ood_thr,
-        raw=dict(meta))
+        threshold_rule=None if rule is None else str(rule),
+        outputs=tuple(OutputSpec(o["name"],
+                                 None if o.get("shape") is None else tuple(o["shape"]),
+                                 o.get("description")) for o in outputs),
+        ood=None if ood is None else dict(ood),
+        provenance={k: v for k, v in meta.items() if k not in CONTRACT_KEYS})
 
 
 def parse(custom_metadata: Mapping[str, str]) -> ModelMetadata:
@@ -205,7 +291,7 @@ def _reject_constant(name: str):
 
 
 def check_graph(meta: ModelMetadata, inputs: list, outputs: list) -> None:
-    """The graph's input and first output against the metadata (onnxruntime NodeArgs).
+    """The graph's input and outputs against the metadata (onnxruntime NodeArgs).
 
     Raises:
         MetadataError: the first mismatch.
@@ -229,6 +315,10 @@ def check_graph(meta: ModelMetadata, inputs: list, outputs: list) -> None:
             raise MetadataError(f"input {what} is {got} but metadata says {want}")
     if not outputs:
         raise MetadataError("the graph has no output")
+    names = [o.name for o in outputs]
+    if meta.outputs and list(meta.output_names) != names:
+        raise MetadataError(f"'outputs' lists {list(meta.output_names)} but the graph's outputs "
+                            f"are {names}")
     first = outputs[0]
     if first.type not in ("tensor(float)", "tensor(double)"):
         raise MetadataError(f"first output {first.name!r} is {first.type}, expected floats")

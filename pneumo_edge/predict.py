@@ -20,44 +20,16 @@ import numpy as np
 from .images import ImageDecodeError, decode_gray, label_from_path
 from .lung import NO_LUNG_FIELD, lung_field_issue
 from .metrics import BinaryMetrics, binary_metrics, latency_summary
+from .options import BATCH_SIZE, FlaggedAs, choices
 from .preprocess import PreprocessConfig, resize_gray, to_model_input
 from .quality import input_warnings
+from .records import FLAG_PREFIX, Failure, Prediction
 from .runtime import PneumoModel
 
 __all__ = ["Prediction", "Failure", "PredictionRun", "predict_paths", "decode_file",
            "batch_records", "FLAGGED_AS"]
 
-FLAGGED_AS = ("warn", "fail")
-
-
-@dataclass(frozen=True)
-class Prediction:
-    path: str
-    probability: float
-    label: str
-    threshold: float
-    truth: str | None
-    ood_score: float | None = None
-    in_distribution: bool | None = None
-    warnings: tuple[str, ...] = ()
-    #: for DICOM files, the non-identifying acquisition facts of
-    #: :data:`pneumo_edge.dicom.FACT_KEYS`; None for other formats
-    dicom: dict | None = None
-    #: class activation logits (h, w), float16, when the model has a ``cam`` output
-    cam: np.ndarray | None = field(default=None, repr=False, compare=False)
-    #: the lung box the classifier saw, (y0, x0, y1, x1) fractions of the image, for
-    #: models with the lung-field stage (the heatmap covers this box)
-    lung_box: tuple[float, float, float, float] | None = None
-
-    @property
-    def flagged(self) -> bool:
-        return bool(self.warnings)
-
-
-@dataclass(frozen=True)
-class Failure:
-    path: str
-    error: str
+FLAGGED_AS = choices(FlaggedAs)
 
 
 @dataclass
@@ -98,8 +70,8 @@ class PredictionRun:
 
     @property
     def n_flagged(self) -> int:
-        return sum(p.flagged for p in self.predictions) + sum(
-            f.error.startswith(FLAG_PREFIX) for f in self.failures) + self.omitted_flagged
+        return (sum(p.flagged for p in self.predictions)
+                + sum(f.flagged for f in self.failures) + self.omitted_flagged)
 
     @property
     def latency_ms(self) -> dict:
@@ -109,9 +81,6 @@ class PredictionRun:
     def images_per_second(self) -> float:
         done = len(self.predictions) if self.session_predicted is None else self.session_predicted
         return done / self.seconds if self.seconds > 0 else 0.0
-
-
-FLAG_PREFIX = "flagged: "
 
 
 def decode_file(path: str | os.PathLike, cfg: PreprocessConfig):
@@ -167,7 +136,8 @@ def batch_records(items, out: dict, thr: float, ood_thr: float | None,
     return records
 
 
-def predict_paths(model: PneumoModel, files: Sequence[Path], *, batch_size: int = 8,
+def predict_paths(model: PneumoModel, files: Sequence[Path], *,
+                  batch_size: int = BATCH_SIZE.default,
                   workers: int | None = None, threshold: float | None = None,
                   truths: Sequence[str | None] | None = None, flagged_as: str = "warn",
                   heatmap_dir: str | os.PathLike | None = None,

@@ -1,53 +1,24 @@
 """The one preprocessing function: an image file becomes a model input.
 
-Training (through ``tf.numpy_function``), evaluation, export calibration and
-inference all call :func:`load_image`, so the bytes-to-array path cannot drift.
-What it does is read from the model's ``pneumo_edge`` metadata, never assumed.
+Inference, evaluation and export calibration call :func:`load_image`; training
+caches :func:`load_gray`'s model-size images and finishes them with
+:func:`to_model_input` (or its TensorFlow twin in ``training.data``, tested to
+match), so the bytes-to-array path cannot drift. What it does is read from the
+model's ``pneumo_edge`` metadata (:class:`~pneumo_edge.metadata.PreprocessConfig`),
+never assumed.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
-from typing import Any, Mapping
 
 import cv2
 import numpy as np
 
 from .images import decode_gray
+from .metadata import PreprocessConfig
 
 __all__ = ["PreprocessConfig", "load_gray", "load_image", "to_model_input"]
-
-
-@dataclass(frozen=True)
-class PreprocessConfig:
-    """How a decoded image becomes the model's input tensor (one image, HWC).
-
-    Attributes:
-        height, width: the model's input size in pixels.
-        channels: 1, or 3 for the grey level repeated (the X-ray is greyscale).
-        value_range: the input values that pixel 0 and pixel 255 map to.
-        resize: OpenCV interpolation name used to reach ``height`` x ``width``.
-    """
-
-    height: int
-    width: int
-    channels: int = 3
-    value_range: tuple[float, float] = (0.0, 255.0)
-    resize: str = "area"
-
-    @classmethod
-    def from_metadata(cls, meta: Mapping[str, Any]) -> "PreprocessConfig":
-        """Build from the ``pneumo_edge`` metadata dict of a model."""
-        height, width = (int(v) for v in meta["input_size"])
-        lo, hi = (float(v) for v in meta.get("value_range", (0.0, 255.0)))
-        return cls(height=height, width=width, channels=int(meta.get("channels", 3)),
-                   value_range=(lo, hi), resize=str(meta.get("resize", "area")))
-
-    def to_metadata(self) -> dict[str, Any]:
-        return {"input_size": [self.height, self.width], "channels": self.channels,
-                "value_range": list(self.value_range), "resize": self.resize,
-                "color": "grayscale", "layout": "NHWC"}
 
 
 _INTERPOLATION = {"area": cv2.INTER_AREA, "linear": cv2.INTER_LINEAR,

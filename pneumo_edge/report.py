@@ -14,96 +14,24 @@ import json
 import math
 import os
 import platform
-import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 
 from . import __version__
-from .dicom import FACT_KEYS
+from .io import write_set
 from .metadata import finite_json
 from .metrics import roc_curve
 from .predict import PredictionRun
+from .records import DISCLAIMER, FAILURE_KEYS, PREDICTION_KEYS, csv_header, csv_row, to_dict
 
-__all__ = ["DISCLAIMER", "REPORT_KEYS", "atomic_write", "write_set", "report_dict", "write_predictions_csv",
-           "write_report", "csv_safe"]
+__all__ = ["DISCLAIMER", "REPORT_KEYS", "report_dict", "write_report"]
 
-DISCLAIMER = ("pneumo-edge is a research and engineering tool, not a medical device. Its "
-              "output is not a diagnosis and must not be used for clinical decisions.")
-
-
-_UMASK = os.umask(0)
-os.umask(_UMASK)
-
-
-def atomic_write(path: str | os.PathLike, data: str | bytes) -> None:
-    """Write ``data`` to ``path`` via a temporary file in the same folder and a rename."""
-    write_set({path: data})
-
-
-def write_set(files: dict) -> None:
-    """Write several files as one set: every temporary file is written and synced
-    first, and only then are they renamed into place. A failure while writing (a
-    full disk, a read-only folder) removes the temporary files and leaves every
-    earlier file as it was."""
-    temps: list[tuple[str, Path]] = []
-    try:
-        for path, data in files.items():
-            temps.append((_write_temp(Path(path), data), Path(path)))
-        for tmp, path in temps:
-            os.replace(tmp, path)
-    except BaseException:
-        for tmp, _ in temps:
-            Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _write_temp(path: Path, data: str | bytes) -> str:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            # file names that are not UTF-8 arrive as lone surrogates: write them as
-            # visible \udcXX escapes instead of failing after all the work is done
-            if callable(data):  # streamed: data(text_file) writes the content
-                text = io.TextIOWrapper(fh, encoding="utf-8", errors="backslashreplace",
-                                        newline="")
-                data(text)
-                text.flush()
-                text.detach()
-            else:
-                fh.write(data.encode("utf-8", "backslashreplace") if isinstance(data, str)
-                         else data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the usual mode
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return tmp
 
 
 def _finite(x):
     return None if x is None or not np.isfinite(x) else round(float(x), 6)
-
-
-#: A CSV cell starting with one of these is read as a formula by spreadsheet programs;
-#: such cells get a leading apostrophe (the usual neutralisation, shown by spreadsheets
-#: as text and easy to strip).
-_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
-
-
-def csv_safe(value: str) -> str:
-    return "'" + value if value.startswith(_FORMULA_START) else value
-
-
-def _prediction_dict(p) -> dict:
-    return {"path": p.path, "probability": round(p.probability, 6), "label": p.label,
-            "truth": p.truth,
-            "ood_score": None if p.ood_score is None else round(p.ood_score, 4),
-            "in_distribution": p.in_distribution, "warnings": list(p.warnings),
-            "dicom": p.dicom} | ({} if p.lung_box is None else {"lung_box": list(p.lung_box)})
 
 
 #: The keys of report.json that other tools read; their names are fixed. More keys
@@ -115,9 +43,8 @@ REPORT_KEYS = {
                 "tp", "fp", "tn", "fn", "n_labelled"),
     "latency_ms": ("mean", "p50", "p95", "p99"),
     "end_to_end": ("seconds", "images_per_second", "batch_size"),
-    "failures": ("path", "error"),
-    "predictions": ("path", "probability", "label", "truth", "ood_score", "in_distribution",
-                    "warnings", "dicom"),
+    "failures": FAILURE_KEYS,
+    "predictions": PREDICTION_KEYS,
 }
 
 
@@ -133,8 +60,8 @@ def report_dict(run: PredictionRun) -> dict:
         "end_to_end": {"seconds": round(run.seconds, 4),
                        "images_per_second": round(run.images_per_second, 3),
                        "batch_size": run.batch_size},
-        "failures": [{"path": f.path, "error": f.error} for f in run.failures],
-        "predictions": [_prediction_dict(p) for p in run.predictions],
+        "failures": [to_dict(f) for f in run.failures],
+        "predictions": [to_dict(p) for p in run.predictions],
         "n_flagged": run.n_flagged,
         "flagged_as": run.flagged_as,
         "heatmaps": run.heatmaps or None,
@@ -151,36 +78,13 @@ def report_dict(run: PredictionRun) -> dict:
     }
 
 
-CSV_HEADER = ["path", "probability", "label", "threshold", "truth", "ood_score",
-              "in_distribution", "warnings", "error", *(f"dicom_{k}" for k in FACT_KEYS)]
-
-
-def csv_row(rec) -> list[str]:
-    """One predictions.csv row for a Prediction or a Failure."""
-    if not hasattr(rec, "probability"):
-        return [csv_safe(rec.path), "", "", "", "", "", "", "", csv_safe(rec.error),
-                *([""] * len(FACT_KEYS))]
-    p, facts = rec, rec.dicom or {}
-    return [csv_safe(p.path), f"{p.probability:.6f}", p.label, f"{p.threshold:.6f}",
-            p.truth or "", "" if p.ood_score is None else f"{p.ood_score:.4f}",
-            "" if p.in_distribution is None else str(p.in_distribution).lower(),
-            csv_safe("; ".join(p.warnings)), "",
-            *(csv_safe(str(facts.get(k) if facts.get(k) is not None else ""))
-              for k in FACT_KEYS)]
-
-
 def predictions_csv(run: PredictionRun) -> str:
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
-    w.writerow(CSV_HEADER)
+    w.writerow(csv_header())
     for rec in [*run.predictions, *run.failures]:
         w.writerow(csv_row(rec))
     return buf.getvalue()
-
-
-def write_predictions_csv(run: PredictionRun, out_dir: str | os.PathLike) -> Path:
-    """predictions.csv alone (``write_report`` without the JSON and HTML)."""
-    return write_report(run, out_dir, html=False, json_report=False)["csv"]
 
 
 # ---------------------------------------------------------------- HTML report
@@ -414,7 +318,7 @@ figure img{{width:200px;border-radius:4px;display:block}} .path{{color:#666;word
 """
 
 
-def write_report(run: PredictionRun, out_dir: str | os.PathLike, *, html: bool = True,
+def write_report(run: PredictionRun, out_dir: str | os.PathLike, *, html_report: bool = True,
                  json_report: bool = True, csv_data=None) -> dict[str, Path]:
     """Write report.json, predictions.csv and report.html into ``out_dir`` as one set.
 
@@ -423,14 +327,14 @@ def write_report(run: PredictionRun, out_dir: str | os.PathLike, *, html: bool =
     journal).
     """
     out = Path(out_dir)
-    report = report_dict(run) if json_report or html else None
+    report = report_dict(run) if json_report or html_report else None
     paths = {"csv": out / "predictions.csv"}
     files = {paths["csv"]: predictions_csv(run) if csv_data is None else csv_data}
     if json_report:
         paths["json"] = out / "report.json"
         files[paths["json"]] = json.dumps(finite_json(report), indent=2, ensure_ascii=False,
                                           allow_nan=False) + "\n"
-    if html:
+    if html_report:
         paths["html"] = out / "report.html"
         files[paths["html"]] = render_html(run, report)
     write_set(files)

@@ -10,14 +10,15 @@ from typing import Any
 
 import numpy as np
 
-from .metadata import (METADATA_KEY, SCHEMA_VERSION, MetadataError, ModelMetadata, check_graph,
-                       parse)
-from .preprocess import PreprocessConfig
+from .metadata import (CAM_OUTPUT, LUNG_AREA_OUTPUT, LUNG_BOX_OUTPUT, METADATA_KEY, OOD_OUTPUT,
+                       SCHEMA_VERSION, MetadataError, ModelMetadata, PreprocessConfig,
+                       check_graph, parse)
+from .options import Device, choices
 
 __all__ = ["METADATA_KEY", "SCHEMA_VERSION", "ModelError", "PneumoModel", "load_model",
            "default_model_path", "read_metadata", "file_sha256"]
 
-DEVICES = ("auto", "cpu", "cuda")
+DEVICES = choices(Device)
 #: How far a probability may stray outside [0, 1] by float rounding before the
 #: model is refused (it is then clipped).
 PROB_TOLERANCE = 1e-5
@@ -80,14 +81,16 @@ class PneumoModel:
     sha256: str
 
     def __post_init__(self) -> None:
-        # read once per model, not per image
-        self.input_name = self.session.get_inputs()[0].name
-        self.output_names = [o.name for o in self.session.get_outputs()]
+        # read once per model, not per image; check_graph has matched both to the graph.
+        # A model whose metadata does not list its outputs is described by its graph.
+        self.input_name = self.metadata.input_name
+        self.output_names = list(self.metadata.output_names) or [
+            o.name for o in self.session.get_outputs()]
 
     @property
     def meta(self) -> dict[str, Any]:
         """The metadata as stored (provenance included)."""
-        return dict(self.metadata.raw)
+        return self.metadata.to_dict()
 
     @property
     def preprocess(self) -> PreprocessConfig:
@@ -103,12 +106,12 @@ class PneumoModel:
 
     @property
     def has_cam(self) -> bool:
-        return "cam" in self.output_names[1:]
+        return CAM_OUTPUT in self.output_names[1:]
 
     @property
     def ood_threshold(self) -> float | None:
         """The OOD threshold when the model has an ``ood`` output and metadata for it."""
-        return self.metadata.ood_threshold if "ood" in self.output_names[1:] else None
+        return self.metadata.ood_threshold if OOD_OUTPUT in self.output_names[1:] else None
 
     def run_all(self, batch: np.ndarray) -> dict[str, np.ndarray | None]:
         """Every output for a float32 (N, H, W, C) batch.
@@ -131,9 +134,9 @@ class PneumoModel:
             raise ModelError(f"{self.path}: the model's output {bad!r} is not a probability "
                              "in [0, 1]; refusing to label anything with it")
         prob = np.clip(prob, 0.0, 1.0)
-        cam = named.get("cam") if self.has_cam else None
-        ood = named.get("ood") if self.ood_threshold is not None else None
-        box, area = named.get("lung_box"), named.get("lung_area")
+        cam = named.get(CAM_OUTPUT) if self.has_cam else None
+        ood = named.get(OOD_OUTPUT) if self.ood_threshold is not None else None
+        box, area = named.get(LUNG_BOX_OUTPUT), named.get(LUNG_AREA_OUTPUT)
         has_lung = box is not None and area is not None
         return {"prob": prob,
                 "cam": None if cam is None else np.asarray(cam, np.float32).reshape(
@@ -149,9 +152,12 @@ class PneumoModel:
         return self.run_all(batch)["prob"]
 
     def summary(self) -> dict[str, Any]:
+        """The report's ``model`` entry."""
+        cfg = self.preprocess
         return {"path": str(self.path), "sha256": self.sha256, "precision": self.precision,
                 "threshold": self.threshold, "provider": self.provider,
-                "arch": self.meta.get("arch"), "input_size": self.meta.get("input_size"),
+                "arch": self.metadata.provenance.get("arch"),
+                "input_size": [cfg.height, cfg.width],
                 "outputs": self.output_names, "ood_threshold": self.ood_threshold}
 
 

@@ -31,7 +31,6 @@ import math
 import os
 import time
 import warnings
-from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
@@ -39,8 +38,11 @@ import numpy as np
 
 from .images import ImageDecodeError
 from .metrics import binary_metrics
-from .predict import FLAG_PREFIX, Failure, Prediction, PredictionRun, batch_records, decode_file
+from . import options
+from .io import atomic_path
+from .predict import PredictionRun, batch_records, decode_file
 from .preprocess import PreprocessConfig
+from .records import COLUMNS, Failure, Prediction, csv_header, csv_row, from_journal, row, to_journal
 
 __all__ = ["JOURNAL", "REPORT_LIMIT", "RayUnavailable", "predict_ray", "ray_available",
            "read_journal"]
@@ -48,7 +50,7 @@ __all__ = ["JOURNAL", "REPORT_LIMIT", "RayUnavailable", "predict_ray", "ray_avai
 JOURNAL = "predictions.journal.jsonl"
 #: Runs with more files than this keep only aggregates in report.json and
 #: report.html; every record is in predictions.csv (and Parquet).
-REPORT_LIMIT = 50_000
+REPORT_LIMIT = options.REPORT_LIMIT.default
 _PARQUET_CHUNK = 50_000
 _MAX_BLOCKS = 4_000
 
@@ -66,27 +68,10 @@ def ray_available() -> bool:
     return True
 
 
-# ------------------------------------------------------------------ records <-> JSON
-
-_PREDICTION_FIELDS = tuple(f.name for f in fields(Prediction) if f.name != "cam")
-
-
-def record_to_json(rec: Prediction | Failure) -> dict:
-    """A journal line: every field of the record (the cam heatmap logits excepted)."""
-    if isinstance(rec, Failure):
-        return asdict(rec)
-    return {k: getattr(rec, k) for k in _PREDICTION_FIELDS} | {"warnings": list(rec.warnings)}
-
+# ------------------------------------------------------------------ the journal
 
 def _journal_line(rec: Prediction | Failure) -> str:
-    return json.dumps(record_to_json(rec), ensure_ascii=False) + "\n"
-
-
-def record_from_json(d: dict) -> Prediction | Failure:
-    if "error" in d:
-        return Failure(d["path"], d["error"])
-    return Prediction(**{k: d.get(k) for k in _PREDICTION_FIELDS}
-                      | {"warnings": tuple(d.get("warnings") or ())})
+    return json.dumps(to_journal(rec), ensure_ascii=False) + "\n"
 
 
 def read_journal(path: Path) -> Iterator[Prediction | Failure]:
@@ -96,7 +81,7 @@ def read_journal(path: Path) -> Iterator[Prediction | Failure]:
             if not line.endswith("\n"):
                 break  # the process ended mid-line
             try:
-                yield record_from_json(json.loads(line))
+                yield from_journal(json.loads(line))
             except (ValueError, KeyError, TypeError):
                 continue
 
@@ -188,11 +173,12 @@ class _DecodingModelActor(_ModelActor):
 
 def predict_ray(model_path: str | os.PathLike, files: Sequence[Path],
                 truths: Sequence[str | None], out_dir: str | os.PathLike, *,
-                actors: int = 2, address: str | None = None, batch_size: int = 8,
+                actors: int = options.ACTORS.default, address: str | None = None,
+                batch_size: int = options.BATCH_SIZE.default,
                 threads: int | None = None, threshold: float | None = None,
                 flagged_as: str = "warn", resume: bool = False,
                 report_limit: int = REPORT_LIMIT, task_size: int = 64,
-                decode: str = "actors",
+                decode: str = options.RayDecode.actors.value,
                 progress: Callable[[int], None] | None = None,
                 fault: tuple[str, int] | None = None) -> tuple[PredictionRun, Path]:
     """Predict ``files`` on Ray Data; returns the run and the journal's path.
@@ -207,8 +193,8 @@ def predict_ray(model_path: str | os.PathLike, files: Sequence[Path],
         RayUnavailable: no scale extra, or ``address`` cannot be reached.
         ModelError: the model is unusable (checked here before any worker starts).
     """
-    if decode not in ("actors", "tasks"):
-        raise ValueError("decode must be 'actors' or 'tasks'")
+    if decode not in options.choices(options.RayDecode):
+        raise ValueError(f"decode must be one of {', '.join(options.choices(options.RayDecode))}")
     if not ray_available():
         raise RayUnavailable("--engine ray needs the scale extra: "
                              "pip install 'pneumo-edge[scale]'")
@@ -390,7 +376,7 @@ class _Collector:
                 self.failures.append(rec)
             else:
                 self.omitted_failures += 1
-                self.omitted_flagged += rec.error.startswith(FLAG_PREFIX)
+                self.omitted_flagged += rec.flagged
             return
         if session:
             self.session_predicted += 1
@@ -423,11 +409,11 @@ class _Collector:
 
 
 def _rewrite_journal(journal: Path, records) -> None:
-    tmp = journal.with_suffix(".tmp")
-    with open(tmp, "w", encoding="utf-8", errors="surrogateescape") as fh:
-        for rec in records:
-            fh.write(_journal_line(rec))
-    os.replace(tmp, journal)
+    # surrogateescape, as the journal is appended: names that are not UTF-8 come back
+    # byte for byte on resume
+    with atomic_path(journal) as tmp, open(tmp, "w", encoding="utf-8",
+                                            errors="surrogateescape") as fh:
+        fh.writelines(_journal_line(rec) for rec in records)
 
 
 # ------------------------------------------------------------------ outputs
@@ -437,53 +423,36 @@ def journal_csv_writer(journal: Path) -> Callable:
     the records fit the report limit, else in completion order)."""
     import csv
 
-    from .report import CSV_HEADER, csv_row
-
     def write(text) -> None:
         w = csv.writer(text, lineterminator="\n")
-        w.writerow(CSV_HEADER)
+        w.writerow(csv_header())
         for rec in read_journal(journal):
             w.writerow(csv_row(rec))
     return write
 
 
 def write_parquet(journal: Path, target: Path) -> Path:
-    """predictions.parquet from the journal, in chunks (bounded memory)."""
+    """predictions.parquet from the journal, in chunks (bounded memory): the columns
+    of predictions.csv, typed."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from .dicom import FACT_KEYS
-
-    schema = pa.schema([("path", pa.string()), ("probability", pa.float64()),
-                        ("label", pa.string()), ("threshold", pa.float64()),
-                        ("truth", pa.string()), ("ood_score", pa.float64()),
-                        ("in_distribution", pa.bool_()), ("warnings", pa.string()),
-                        ("error", pa.string()),
-                        *((f"dicom_{k}", pa.int64() if k == "bits_stored" else pa.string())
-                          for k in FACT_KEYS)])
-    tmp = target.with_name(f".{target.name}.tmp")
-    rows: dict[str, list] = {name: [] for name in schema.names}
+    kinds = {"str": pa.string(), "float": pa.float64(), "bool": pa.bool_(), "int": pa.int64()}
+    schema = pa.schema([(c.name, kinds[c.kind]) for c in COLUMNS])
+    columns: list[list] = [[] for _ in COLUMNS]
 
     def flush(writer) -> None:
-        if rows["path"]:
-            writer.write_table(pa.table(rows, schema=schema))
-            for v in rows.values():
+        if columns[0]:
+            writer.write_table(pa.Table.from_pydict(dict(zip(schema.names, columns)),
+                                                   schema=schema))
+            for v in columns:
                 v.clear()
 
-    with pq.ParquetWriter(tmp, schema) as writer:
+    with atomic_path(target) as tmp, pq.ParquetWriter(tmp, schema) as writer:
         for rec in read_journal(journal):
-            d = record_to_json(rec)
-            facts = d.get("dicom") or {}
-            rows["path"].append(d["path"])
-            for key in ("probability", "label", "threshold", "truth", "ood_score",
-                        "in_distribution"):
-                rows[key].append(d.get(key))
-            rows["warnings"].append("; ".join(d.get("warnings") or []) or None)
-            rows["error"].append(d.get("error"))
-            for k in FACT_KEYS:
-                rows[f"dicom_{k}"].append(facts.get(k))
-            if len(rows["path"]) >= _PARQUET_CHUNK:
+            for values, value in zip(columns, row(rec)):
+                values.append(value)
+            if len(columns[0]) >= _PARQUET_CHUNK:
                 flush(writer)
         flush(writer)
-    os.replace(tmp, target)
     return target

@@ -1,8 +1,8 @@
-"""Shared fixtures: tiny ONNX models with metadata, and awkward image files."""
+"""Shared fixtures. The helpers they use live in ``helpers.py``: test files import
+them from there (a conftest is pytest's, not a module to import from)."""
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -10,105 +10,14 @@ from pathlib import Path
 os.environ["COLUMNS"] = "250"
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-import cv2
-import numpy as np
 import pytest
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-SHARED_TRAIN = SHARED / "chest_xray" / "train"
-SHARED_ORIGINALS = SHARED / "originals"
-
-
-def tiny_metadata(**overrides) -> dict:
-    meta = {
-        "schema": 1, "input_name": "image", "input_size": [16, 16], "channels": 3,
-        "value_range": [0.0, 255.0], "resize": "area", "class_names": ["NORMAL", "PNEUMONIA"],
-        "positive_class": "PNEUMONIA", "threshold": 0.5, "threshold_rule": "fixed_for_tests",
-        "precision": "fp32", "arch": "mean_brightness", "trained_on": "nothing (test model)",
-        "val_metrics": {}, "created": "2026-01-01T00:00:00+00:00", "pneumo_edge_version": "test",
-    }
-    meta.update(overrides)
-    return meta
-
-
-def make_tiny_onnx(path: Path, meta: dict | None = None, *, size: int = 16, channels: int = 3,
-                   slope: float = 10.0, with_metadata: bool = True, heads: bool = False,
-                   ood_threshold: float = 5.0, prob_scale: float = 1.0) -> Path:
-    """An NHWC model: P(PNEUMONIA) = sigmoid(slope * (mean pixel / 255 - 0.5)).
-
-    Brighter images score higher, so tests can build images with known outputs.
-    With ``heads``: ``cam`` (N, 2, 2) is the same logit per image quadrant (its
-    mean is the image's logit) and ``ood`` (N, 1) is |mean pixel - 128| / 10,
-    with ``ood_threshold`` in the metadata. ``prob_scale`` multiplies the
-    probability (a broken model for tests when it is not 1).
-    """
-    import onnx
-    from onnx import TensorProto, helper
-
-    x = helper.make_tensor_value_info("image", TensorProto.FLOAT, ["N", size, size, channels])
-    y = helper.make_tensor_value_info("pneumonia_prob", TensorProto.FLOAT, ["N", 1])
-    inits = [
-        helper.make_tensor("scale", TensorProto.FLOAT, [], [slope / 255.0]),
-        helper.make_tensor("shift", TensorProto.FLOAT, [], [-slope * 0.5]),
-        helper.make_tensor("shape", TensorProto.INT64, [2], [-1, 1]),
-    ]
-    nodes = [
-        helper.make_node("Transpose", ["image"], ["nchw"], perm=[0, 3, 1, 2]),
-        helper.make_node("GlobalAveragePool", ["nchw"], ["pooled"]),
-        helper.make_node("Flatten", ["pooled"], ["flat"]),
-        helper.make_node("ReduceMean", ["flat"], ["mean"], keepdims=1, axes=[1]),
-        helper.make_node("Mul", ["mean", "scale"], ["scaled"]),
-        helper.make_node("Add", ["scaled", "shift"], ["logit"]),
-        helper.make_node("Sigmoid", ["logit"], ["prob0"]),
-        helper.make_node("Mul", ["prob0", "prob_scale"], ["prob"]),
-        helper.make_node("Reshape", ["prob", "shape"], ["pneumonia_prob"]),
-    ]
-    inits.append(helper.make_tensor("prob_scale", TensorProto.FLOAT, [], [prob_scale]))
-    outputs = [y]
-    if heads:
-        half = size // 2
-        inits += [helper.make_tensor("c128", TensorProto.FLOAT, [], [128.0]),
-                  helper.make_tensor("c10", TensorProto.FLOAT, [], [0.1])]
-        nodes += [
-            helper.make_node("AveragePool", ["nchw"], ["quads"], kernel_shape=[half, half],
-                             strides=[half, half]),
-            helper.make_node("ReduceMean", ["quads"], ["qmean"], keepdims=0, axes=[1]),
-            helper.make_node("Mul", ["qmean", "scale"], ["qscaled"]),
-            helper.make_node("Add", ["qscaled", "shift"], ["cam"]),
-            helper.make_node("Sub", ["mean", "c128"], ["centred"]),
-            helper.make_node("Abs", ["centred"], ["dist"]),
-            helper.make_node("Mul", ["dist", "c10"], ["ood"]),
-        ]
-        outputs += [helper.make_tensor_value_info("cam", TensorProto.FLOAT, ["N", 2, 2]),
-                    helper.make_tensor_value_info("ood", TensorProto.FLOAT, ["N", 1])]
-        meta = {"ood": {"kind": "test", "threshold": ood_threshold}, **(meta or {})}
-    graph = helper.make_graph(nodes, "tiny", [x], outputs, initializer=inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
-    model.ir_version = 8
-    if with_metadata:
-        m = tiny_metadata(**({"input_size": [size, size], "channels": channels} | (meta or {})))
-        helper.set_model_props(model, {"pneumo_edge": json.dumps(m)})
-    onnx.checker.check_model(model)
-    onnx.save(model, str(path))
-    return path
-
-
-def prob_for_gray(level: float, slope: float = 10.0) -> float:
-    return float(1.0 / (1.0 + np.exp(-slope * (level / 255.0 - 0.5))))
+from helpers import SHARED_TRAIN, make_tiny_onnx, write_gray_jpeg
 
 
 @pytest.fixture
 def tiny_model(tmp_path) -> Path:
     return make_tiny_onnx(tmp_path / "tiny.onnx")
-
-
-def write_gray_jpeg(path: Path, level: int, size=(40, 30)) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    img = np.full((size[1], size[0]), level, np.uint8)
-    ok, buf = cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, 95])
-    assert ok
-    buf.tofile(str(path))
-    return path
 
 
 @pytest.fixture

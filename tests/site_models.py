@@ -16,7 +16,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from conftest import tiny_metadata
+from helpers import tiny_metadata
 
 SIZE = 16
 DIM = 8

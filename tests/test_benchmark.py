@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 from pneumo_edge.benchmark import time_runs
 from pneumo_edge.cli import EXIT_OK, EXIT_USAGE, app
 
-from conftest import make_tiny_onnx
+from helpers import make_tiny_onnx
 
 runner = CliRunner()
 

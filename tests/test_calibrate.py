@@ -18,7 +18,7 @@ from pneumo_edge.metrics import roc_auc
 from pneumo_edge.runtime import load_model
 
 import site_models as sm
-from conftest import make_tiny_onnx
+from helpers import make_tiny_onnx
 
 runner = CliRunner()
 

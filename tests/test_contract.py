@@ -1,8 +1,8 @@
-"""The model contract (pneumo_edge.metadata), import boundaries, the default model."""
+"""The model contract (pneumo_edge.metadata) and the default model (import boundaries:
+test_architecture.py)."""
 
 from __future__ import annotations
 
-import ast
 import json
 from pathlib import Path
 
@@ -13,29 +13,9 @@ from pneumo_edge.cli import EXIT_USAGE, app
 from pneumo_edge.metadata import MetadataError, finite_json, parse, validate
 from pneumo_edge.runtime import default_model_path, load_model
 
-from conftest import make_tiny_onnx, tiny_metadata, write_gray_jpeg
+from helpers import make_tiny_onnx, tiny_metadata, write_gray_jpeg
 
 runner = CliRunner()
-PKG = Path(__file__).resolve().parents[1] / "pneumo_edge"
-
-
-def _imports(path: Path) -> set[str]:
-    names = set()
-    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-        if isinstance(node, ast.Import):
-            names |= {a.name.split(".")[0] for a in node.names}
-        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            names.add(node.module.split(".")[0])
-    return names
-
-
-def test_only_the_cli_reaches_the_training_side():
-    for module in sorted(PKG.glob("*.py")):
-        found = _imports(module) & {"training", "tensorflow", "keras", "tf2onnx"}
-        if module.name == "cli.py":
-            assert found <= {"training"}, found  # inside command functions only
-        else:
-            assert not found, f"{module.name} imports {found}"
 
 
 @pytest.mark.parametrize("override, key", [
@@ -83,9 +63,17 @@ def test_missing_keys_and_non_json():
     assert meta.threshold == 0.5 and meta.precision == "fp32" and meta.ood_threshold is None
 
 
-def test_preprocessing_is_parsed_once_per_model(tmp_path):
+def test_metadata_is_parsed_once_per_model(tmp_path, monkeypatch):
+    import pneumo_edge.runtime as runtime
+    from pneumo_edge.predict import predict_paths
+
+    calls = []
+    real = runtime.parse
+    monkeypatch.setattr(runtime, "parse", lambda props: calls.append(1) or real(props))
     model = load_model(make_tiny_onnx(tmp_path / "m.onnx"), device="cpu")
-    assert model.preprocess is model.preprocess  # the same object, not rebuilt per image
+    files = [write_gray_jpeg(tmp_path / "x" / f"{i}.jpeg", 50 + 40 * i) for i in range(5)]
+    run = predict_paths(model, files, batch_size=2)
+    assert len(run.predictions) == 5 and len(calls) == 1  # at load, never per image
     assert model.meta["arch"] == "mean_brightness"
 
 

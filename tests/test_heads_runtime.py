@@ -18,7 +18,7 @@ from pneumo_edge.predict import predict_paths
 from pneumo_edge.quality import input_warnings
 from pneumo_edge.runtime import ModelError, load_model
 
-from conftest import make_tiny_onnx, write_gray_jpeg
+from helpers import make_tiny_onnx, write_gray_jpeg
 
 runner = CliRunner()
 
@@ -168,7 +168,7 @@ def test_names_are_shown_literally(tmp_path, tiny_model):
 
 
 def test_csv_cells_that_would_be_formulas_are_neutralised(tmp_path, tiny_model, monkeypatch):
-    from pneumo_edge.report import csv_safe
+    from pneumo_edge.records import csv_safe  # the record schema owns the CSV cells
 
     monkeypatch.chdir(tmp_path)
     write_gray_jpeg(tmp_path / "=HYPERLINK(1).jpeg", 100)
@@ -247,7 +247,7 @@ def test_overlay_and_cam_mass():
 def test_full_disk_keeps_the_previous_report_set(tmp_path, tiny_model, monkeypatch):
     import errno
 
-    import pneumo_edge.report as report
+    import pneumo_edge.io as report  # the one writer (was pneumo_edge.report's own)
 
     root = tmp_path / "in"
     write_gray_jpeg(root / "a.jpeg", 100)

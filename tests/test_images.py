@@ -9,7 +9,7 @@ import pytest
 from pneumo_edge.images import ImageDecodeError, collect_images, decode_gray, label_from_path
 from pneumo_edge.preprocess import PreprocessConfig, load_image
 
-from conftest import SHARED_ORIGINALS
+from helpers import SHARED_ORIGINALS
 
 
 def _encode(path, img, ext, params=()):

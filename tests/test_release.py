@@ -11,19 +11,18 @@ import pytest
 from typer.testing import CliRunner
 
 from pneumo_edge.cli import EXIT_OK, app
+from pneumo_edge.metadata import CONTRACT_KEYS, PROVENANCE_KEYS
 from pneumo_edge.predict import predict_paths
 from pneumo_edge.robustness import ZOOM_ROWS, read_split_csv, run_suite
 from pneumo_edge.runtime import default_model_path, load_model, read_metadata
 
-from conftest import SHARED_TRAIN
+from helpers import SHARED_TRAIN
 
 ROOT = Path(__file__).resolve().parents[1]
 EXPORTED = ROOT / "exported"
 MODELS = sorted(EXPORTED.glob("*.onnx"))
-CONTRACT_KEYS = {"schema", "input_name", "input_size", "channels", "value_range", "class_names",
-               "positive_class", "threshold", "threshold_rule", "precision", "arch", "trained_on",
-               "val_metrics", "created", "pneumo_edge_version", "outputs", "ood", "robustness",
-               "calibration", "versions"}
+# the contract's own key lists, and the robustness record every release file carries
+RELEASE_KEYS = {*CONTRACT_KEYS, *PROVENANCE_KEYS, "robustness"}
 
 pytestmark = pytest.mark.skipif(not (EXPORTED / "default.txt").is_file(),
                                 reason="no release model exported yet")
@@ -39,7 +38,7 @@ def test_three_precisions_with_complete_metadata():
     thresholds = set()
     for precision, path in by.items():
         meta, _, outputs = read_metadata(path)
-        assert CONTRACT_KEYS <= set(meta)
+        assert RELEASE_KEYS <= set(meta)
         assert meta["class_names"] == ["NORMAL", "PNEUMONIA"] and meta["arch"] == "resnet18"
         assert [o["name"] for o in outputs] == ["pneumonia_prob", "cam", "ood"]
         assert path.stat().st_size < 50e6
@@ -56,13 +55,14 @@ def test_three_precisions_with_complete_metadata():
 
 def test_default_follows_the_int8_rule(monkeypatch):
     monkeypatch.delenv("PNEUMO_EDGE_MODEL", raising=False)
+    from training.export import PrecisionResult, choose_default  # export's own rule
+
     default = default_model_path()
     assert default is not None and default.is_file()
-    metas = _metas()
-    rob = metas["int8"]["robustness"]
-    int8_ok = (metas["int8"]["val_metrics"]["auc"] >= metas["fp32"]["val_metrics"]["auc"] - 0.005
-               and rob["max_auc_loss_vs_fp32"] <= 0.005 and rob["min_agreement_with_fp32"] >= 0.99)
-    assert read_metadata(default)[0]["precision"] == ("int8" if int8_ok else "fp32")
+    results = [PrecisionResult(m["precision"], p, 0, None, None, m["val_metrics"],
+                               {"robustness": m["robustness"]})
+               for p, m in ((p, read_metadata(p)[0]) for p in MODELS)]
+    assert default.name == choose_default(results).path.name
 
 
 def test_readme_main_command_on_examples(tmp_path, monkeypatch):

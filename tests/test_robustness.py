@@ -15,7 +15,7 @@ from pneumo_edge.metrics import (apply_temperature, choose_threshold_robust,
                                  expected_calibration_error, fit_platt, fit_temperature)
 from pneumo_edge.robustness import PERTURBATIONS, perturb, run_suite
 
-from conftest import make_tiny_onnx
+from helpers import make_tiny_onnx
 
 
 def _gradient(h=60, w=80):

@@ -20,7 +20,7 @@ from training.data import (DataError, class_weights, discover, load_arrays,  # n
                            make_dataset, patient_id, patient_split)
 from training.train import TrainConfig, TrainInterrupted, train  # noqa: E402
 
-from conftest import SHARED_TRAIN  # noqa: E402
+from helpers import SHARED_TRAIN  # noqa: E402
 from synthetic import make_dataset as make_synthetic  # noqa: E402
 
 pytestmark = pytest.mark.tf

@@ -36,6 +36,13 @@ class AugmentConfig:
     noise: float = 6.0         # Gaussian noise, sigma drawn from [0, noise] grey levels
     lowres: float = 0.25       # probability of a down-and-up resample (0.5 to 1 of the size)
 
+    def __post_init__(self) -> None:
+        # the ranges the options accept (0 switches a crop off, as off() does)
+        if not (self.crop_area == 0 or 0.05 <= self.crop_area <= 1.0):
+            raise ValueError(f"--crop-area must be in 0.05..1, got {self.crop_area!r}")
+        if not 0.0 <= self.zoom_out <= 2.0:
+            raise ValueError(f"--zoom-out must be in 0..2, got {self.zoom_out!r}")
+
     def to_dict(self) -> dict:
         return asdict(self)
 

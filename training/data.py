@@ -11,10 +11,10 @@ from pathlib import Path
 import numpy as np
 
 from pneumo_edge.images import is_image_file, label_from_path
+from pneumo_edge.io import atomic_write
+from pneumo_edge.metadata import CLASS_NAMES
 from pneumo_edge.patients import dicom_patient_key, patient_id  # noqa: F401 (re-exported)
 from pneumo_edge.preprocess import PreprocessConfig, load_gray
-
-CLASS_NAMES = ("NORMAL", "PNEUMONIA")
 
 
 class DataError(ValueError):
@@ -187,12 +187,13 @@ def class_weights(samples: list[Sample]) -> dict[int, float]:
 
 
 def write_split(path: Path, train: list[Sample], val: list[Sample]) -> None:
-    with open(path, "w", newline="", encoding="utf-8") as fh:
+    def write(fh) -> None:
         w = csv.writer(fh)
         w.writerow(["path", "patient", "label", "subset", "part"])
         for subset, group in (("train", train), ("val", val)):
             for s in group:
                 w.writerow([s.path, s.patient, CLASS_NAMES[s.label], subset, s.part])
+    atomic_write(path, write)
 
 
 def read_split(path: Path) -> tuple[list[Sample], list[Sample]]:

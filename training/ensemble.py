@@ -15,26 +15,23 @@ the threshold chosen by the members' own rule, as ``train`` does.
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
 import numpy as np
 
-from .data import read_split
+from .runfolder import BEST, CONFIG, SPLIT, RunFolder, RunFolderError
 
 
 class EnsembleError(ValueError):
     """The runs cannot form one ensemble (reason names the run)."""
 
 
-def _member(run: Path) -> tuple[dict, list, list]:
-    for name in ("best.keras", "config.json", "split.csv", "val_metrics.json"):
-        if not (run / name).is_file():
-            raise EnsembleError(f"{run}: no {name} (not a finished run folder)")
-    config = json.loads((run / "config.json").read_text())
-    train_s, val_s = read_split(run / "split.csv")
-    return config, train_s, val_s
+def _member(path: Path) -> RunFolder:
+    try:
+        return RunFolder.load(path)
+    except RunFolderError as exc:
+        raise EnsembleError(str(exc)) from None
 
 
 def build_ensemble(members: list, name: str | None = None):
@@ -93,7 +90,9 @@ def ensemble_runs(runs: list[str | Path], out: str | Path, *, force: bool = Fals
     """
     import keras
 
-    from .train import TrainConfig, _write_json, finish_run, validation_inputs
+    from pneumo_edge.io import write_json
+
+    from .train import TrainConfig, finish_run, validation_inputs
 
     say = progress or (lambda msg: None)
     runs = [Path(r) for r in runs]
@@ -106,51 +105,52 @@ def ensemble_runs(runs: list[str | Path], out: str | Path, *, force: bool = Fals
         raise EnsembleError(f"{out}: the output folder is one of the members")
     if out.exists() and any(out.iterdir()) and not force:
         raise EnsembleError(f"{out}: folder exists and is not empty (use --force)")
-    loaded = [_member(r) for r in runs]
-    config0, train0, val0 = loaded[0]
+    folders = [_member(r) for r in runs]
+    first = folders[0]
     key = lambda ss: [(s.path, s.label, s.patient) for s in ss]  # noqa: E731
-    for run, (config, train_s, val_s) in zip(runs[1:], loaded[1:]):
-        if key(val_s) != key(val0) or key(train_s) != key(train0):
+    for run, member in zip(runs[1:], folders[1:]):
+        if (key(member.validation) != key(first.validation)
+                or key(member.train) != key(first.train)):
             raise EnsembleError(f"{run}: its patient split differs from {runs[0]}'s "
                                 "(members must share --seed and the data)")
         for field_ in ("img_size", "channels", "threshold_rule", "data"):
-            if config.get(field_) != config0.get(field_):
-                raise EnsembleError(f"{run}: {field_} {config.get(field_)!r} differs from "
-                                    f"{runs[0]}'s {config0.get(field_)!r}")
-    cfgs = [TrainConfig.from_dict(c) for c, _, _ in loaded]
+            if member.config.get(field_) != first.config.get(field_):
+                raise EnsembleError(f"{run}: {field_} {member.config.get(field_)!r} differs "
+                                    f"from {runs[0]}'s {first.config.get(field_)!r}")
+    cfgs = [TrainConfig.from_dict(m.config) for m in folders]
     seeds = [c.weights_seed for c in cfgs]
     if len(set(seeds)) != len(seeds):
         say(f"warning: members share an init seed ({seeds}); they may be near copies")
 
     # every input read (images, models) before anything is written
-    _, y_val, val_inputs = validation_inputs(val0, cfgs[0].preprocess)
+    _, y_val, val_inputs = validation_inputs(first.validation, first.preprocess)
     say(f"building one graph from {len(runs)} members")
     from .models import register_custom_layers
 
     register_custom_layers()
-    members = [keras.models.load_model(r / "best.keras", compile=False) for r in runs]
+    members = [keras.models.load_model(m.keras_path, compile=False) for m in folders]
     model = build_ensemble(members)
     out.mkdir(parents=True, exist_ok=True)
-    model.save(out / "best.keras")
-    shutil.copyfile(runs[0] / "split.csv", out / "split.csv")
+    model.save(out / BEST)
+    shutil.copyfile(first.path / SPLIT, out / SPLIT)
     cfg = cfgs[0]
     cfg.out = str(out)
     member_records = []
     train_seconds = 0.0
-    for run, seed in zip(runs, seeds):
-        val = json.loads((run / "val_metrics.json").read_text())
+    for member, seed in zip(folders, seeds):
+        val = member.val.record
         train_seconds += float(val.get("train_seconds") or 0.0)
         member_records.append({
-            "run": str(run), "init_seed": seed,
+            "run": str(member.path), "init_seed": seed,
             "threshold": val.get("threshold"), "metrics": val.get("metrics"),
             "shifted_metrics": val.get("shifted_metrics"),
             "best_epoch": val.get("best_epoch"), "epochs_run": val.get("epochs_run")})
     ensemble = {"members": [str(r) for r in runs], "init_seeds": seeds,
                 "combine": "mean of the members' calibrated logits, then Platt scaling"}
-    _write_json(out / "config.json", config0 | {"out": str(out), "arch": model.name,
-                                                "ensemble": ensemble})
+    write_json(out / CONFIG, first.config | {"out": str(out), "arch": model.name,
+                                            "ensemble": ensemble})
 
     say("calibrating and choosing the threshold on validation")
-    return finish_run(out, cfg, val_inputs, y_val, val0, {
+    return finish_run(out, cfg, val_inputs, y_val, first.validation, {
         "ensemble": ensemble, "members": member_records,
         "best_epoch": None, "epochs_run": None, "train_seconds": round(train_seconds, 1)})

@@ -20,18 +20,21 @@ from pathlib import Path
 import numpy as np
 
 from pneumo_edge import __version__
+from pneumo_edge.io import atomic_write, check_output_folder
+from pneumo_edge.metadata import (CAM_OUTPUT, CLASS_NAMES, LUNG_AREA_OUTPUT, LUNG_BOX_OUTPUT,
+                                  METADATA_KEY, OOD_OUTPUT, PROB_OUTPUT, SCHEMA_VERSION, MetadataError, ModelMetadata, OutputSpec,
+                                  PreprocessConfig, finite_json, validate)
 from pneumo_edge.metrics import binary_metrics
-from pneumo_edge.preprocess import PreprocessConfig, load_image
-from pneumo_edge.report import atomic_write
-from pneumo_edge.metadata import (METADATA_KEY, SCHEMA_VERSION, MetadataError, finite_json,
-                                  validate)
+from pneumo_edge.preprocess import load_image
 
 from . import environment
-from .data import CLASS_NAMES, read_split
 from .models import INPUT_NAME
+from .runfolder import RunFolder, keras_preprocess
 
 PARITY_TOLERANCE = {"fp32": 1e-4, "fp16": 1e-2}
 CALIB_METHODS = ("minmax", "entropy", "percentile")
+#: The ONNX opsets export supports (tf2onnx and onnxruntime agree on these), and the default.
+OPSETS, DEFAULT_OPSET = (13, 21), 17
 
 
 class ExportError(RuntimeError):
@@ -56,48 +59,108 @@ class ExportResult:
     threshold_rule: str
     n_val: int
     seconds: float
+    out_dir: Path = Path("exported")
 
 
-# ---------------------------------------------------------------- the source
+# ---------------------------------------------------------------- step 1: validate
 
 @dataclass
 class _Source:
+    """What an export reads: a run folder, or a bare .keras file (no split, no threshold)."""
+
     keras_path: Path
-    config: dict
+    arch: str
     threshold: float
     threshold_rule: str
-    val_paths: list[str]
-    val_patients: list[str]
-    val_labels: np.ndarray
-    train_paths: list[str]
-    trained_on: str
-    val_record: dict = field(default_factory=dict)
+    run: RunFolder | None = None
+
+    @property
+    def val_samples(self) -> list:
+        return self.run.validation if self.run else []
+
+    @property
+    def train_paths(self) -> list[str]:
+        return [s.path for s in self.run.train] if self.run else []
+
+    @property
+    def trained_on(self) -> str:
+        return self.run.trained_on if self.run else "unknown (exported from a bare .keras file)"
+
+
+@dataclass
+class _Plan:
+    """Every argument of an export, checked before TensorFlow loads."""
+
+    src: _Source
+    out_dir: Path
+    targets: dict[str, Path]
+    calib: Path | None
+    calib_size: int
+    calib_methods: tuple[str, ...]
+    opset: int
+    max_val: int | None
+
+
+def _keras_file_name(path: Path) -> str:
+    """The model name stored in a .keras file (a zip with config.json), read without Keras."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as zf:
+            return str(json.loads(zf.read("config.json"))["config"]["name"])
+    except (OSError, KeyError, ValueError, TypeError, zipfile.BadZipFile) as exc:
+        raise ExportError(f"{path}: not a readable .keras file ({exc})") from None
 
 
 def _load_source(source: Path) -> _Source:
     if source.is_dir():
-        keras_path = source / "best.keras"
-        if not keras_path.is_file():
-            raise ExportError(f"{source}: no best.keras in this run folder")
-        config = json.loads((source / "config.json").read_text()) if (source / "config.json").exists() else {}
-        val_file = source / "val_metrics.json"
-        if not val_file.exists():
-            raise ExportError(f"{source}: no val_metrics.json (training did not finish?)")
-        val = json.loads(val_file.read_text())
-        train_s, val_s = read_split(source / "split.csv")
-        n_tr, n_va = len(train_s), len(val_s)
-        trained_on = (
-            f"{config.get('data', '?')}: {n_tr + n_va} images, patient-level split "
-            f"(seed {config.get('seed', '?')}): {n_tr} train / {n_va} validation "
-            f"({len({s.patient for s in val_s})} validation patients)")
-        return _Source(keras_path, config, float(val["threshold"]), str(val["threshold_rule"]),
-                       [s.path for s in val_s], [s.patient for s in val_s],
-                       np.array([s.label for s in val_s]),
-                       [s.path for s in train_s], trained_on, val)
+        try:
+            run = RunFolder.load(source)
+        except (OSError, ValueError, KeyError) as exc:
+            raise ExportError(str(exc)) from None
+        arch = run.config.get("arch") or _keras_file_name(run.keras_path)
+        return _Source(run.keras_path, arch, run.val.threshold, run.val.threshold_rule, run)
     if source.is_file() and source.suffix == ".keras":
-        return _Source(source, {}, 0.5, "default_0.5_not_validated", [], [], np.array([]), [],
-                       "unknown (exported from a bare .keras file)")
+        return _Source(source, _keras_file_name(source), 0.5, "default_0.5_not_validated")
     raise ExportError(f"{source}: expected a run folder or a .keras file")
+
+
+def validate_export(source: str | os.PathLike, out_dir: str | os.PathLike, *, fp16: bool,
+                    int8: bool, name: str | None, opset: int, calib: str | os.PathLike | None,
+                    calib_size: int, calib_method: str, force: bool,
+                    max_val: int | None) -> _Plan:
+    """Check every argument, the source and the output folder (no TensorFlow).
+
+    Raises:
+        ExportError: the first problem, naming the argument or the file.
+    """
+    if calib_method not in CALIB_METHODS + ("auto",):
+        raise ExportError(f"unknown calibration method {calib_method!r}; choose from "
+                          f"{', '.join(CALIB_METHODS + ('auto',))}")
+    if not OPSETS[0] <= opset <= OPSETS[1]:
+        raise ExportError(f"--opset must be in {OPSETS[0]}..{OPSETS[1]}, got {opset}")
+    if calib_size < 1 or (max_val is not None and max_val < 1):
+        raise ExportError("--calib-size and --max-val must be at least 1")
+    out_dir = Path(out_dir)
+    try:
+        check_output_folder(out_dir)
+    except OSError as exc:
+        raise ExportError(f"--out {exc}") from None
+    if calib is not None and not Path(calib).is_dir():
+        raise ExportError(f"--calib {calib}: no such folder")
+    src = _load_source(Path(source))
+    if int8 and calib is None and not src.train_paths:
+        raise ExportError("INT8 needs calibration images: pass --calib DIR "
+                          "(the source has no training split)")
+    name = name or src.arch
+    precisions = ["fp32"] + (["fp16"] if fp16 else []) + (["int8"] if int8 else [])
+    targets = {p: out_dir / f"{name}_{p}.onnx" for p in precisions}
+    existing = [str(p) for p in targets.values() if p.exists()]
+    if existing and not force:
+        raise ExportError(f"refusing to overwrite {', '.join(existing)} (use --force)")
+    methods = CALIB_METHODS if calib_method == "auto" else (calib_method,)
+    return _Plan(src, out_dir, targets, None if calib is None else Path(calib), calib_size,
+                 methods, opset, max_val)
 
 
 def inference_model(keras_path: Path):
@@ -278,8 +341,6 @@ def _prepare_for_int8(fp32_path: Path, out_path: Path) -> None:
 
 def _to_int8(pre_path: Path, out_path: Path, calib_paths: list[str], cfg: PreprocessConfig,
              method: str, shifted: bool = True) -> None:
-    from .heads import classifier_tail, head_nodes, lung_stage_nodes
-
     """Static INT8 (QDQ, per-channel) of a pre-processed FP32 model, calibrated by ``method``."""
     import onnx
     from onnxruntime.quantization import (CalibrationMethod, QuantFormat, QuantType,
@@ -289,6 +350,8 @@ def _to_int8(pre_path: Path, out_path: Path, calib_paths: list[str], cfg: Prepro
                "percentile": CalibrationMethod.Percentile}
     pre = onnx.load(str(pre_path), load_external_data=False)
     input_name = pre.graph.input[0].name
+    from .heads import classifier_tail, head_nodes, lung_stage_nodes
+
     quantize_static(
         str(pre_path), str(out_path), _CalibReader(calib_paths, cfg, input_name, shifted=shifted),
         quant_format=QuantFormat.QDQ, per_channel=True, activation_type=QuantType.QUInt8,
@@ -329,15 +392,15 @@ def _compare(p: np.ndarray, p_ref: np.ndarray, labels: np.ndarray, thr: float):
 
 
 OUTPUT_DESCRIPTIONS = {
-    "pneumonia_prob": "P(PNEUMONIA), float32 (N, 1); PNEUMONIA when >= threshold",
-    "cam": ("class activation logits at the last convolution stage, float32 (N, h, w): the "
+    PROB_OUTPUT: "P(PNEUMONIA), float32 (N, 1); PNEUMONIA when >= threshold",
+    CAM_OUTPUT: ("class activation logits at the last convolution stage, float32 (N, h, w): the "
             "output layer applied at each position; their mean is the logit of the probability"),
-    "ood": ("Mahalanobis distance of the pooled features from the training split's, float32 "
+    OOD_OUTPUT: ("Mahalanobis distance of the pooled features from the training split's, float32 "
             "(N, 1); above ood.threshold the image is out of distribution"),
-    "lung_box": ("the lung box the classifier saw, float32 (N, 4): (y0, x0, y1, x1) as "
+    LUNG_BOX_OUTPUT: ("the lung box the classifier saw, float32 (N, 4): (y0, x0, y1, x1) as "
                  "fractions of the input frame, margin included; (0, 0, 1, 1) when no lung "
                  "field was found"),
-    "lung_area": ("share of the segmenter's pixels that are lung, float32 (N, 1); 0 when no "
+    LUNG_AREA_OUTPUT: ("share of the segmenter's pixels that are lung, float32 (N, 1); 0 when no "
                   "lung field was found"),
 }
 
@@ -370,14 +433,14 @@ def _lung_meta(model, config: dict) -> dict:
     }}
 
 
-def _outputs_meta(proto) -> list[dict]:
+def _outputs_meta(proto) -> tuple[OutputSpec, ...]:
     out = []
     for o in proto.graph.output:
         dims = [d.dim_param or d.dim_value for d in o.type.tensor_type.shape.dim]
-        out.append({"name": o.name, "shape": ["N" if not d or isinstance(d, str) else d
-                                              for d in dims],
-                    "description": OUTPUT_DESCRIPTIONS.get(o.name, "")})
-    return out
+        out.append(OutputSpec(o.name, tuple("N" if not d or isinstance(d, str) else d
+                                            for d in dims),
+                              OUTPUT_DESCRIPTIONS.get(o.name, "")))
+    return tuple(out)
 
 
 def _add_heads(model, src: _Source, calib, cfg: PreprocessConfig, ood_size: int, rng, say):
@@ -471,17 +534,14 @@ def _check_heads(results: list[PrecisionResult], protos: dict, keras_out, val_x:
 
 def _metadata(src: _Source, cfg: PreprocessConfig, precision: str, result: PrecisionResult,
               keras_metrics: dict | None, opset: int, arch: str, parity_images: str,
-              n_parity: int) -> dict:
-    meta = {
-        "schema": SCHEMA_VERSION,
-        "input_name": INPUT_NAME,
-        **cfg.to_metadata(),
-        "class_names": list(CLASS_NAMES),
-        "positive_class": "PNEUMONIA",
+              n_parity: int, outputs: tuple[OutputSpec, ...],
+              lung: dict | None = None) -> ModelMetadata:
+    run = src.run
+    extra = dict(result.extra)
+    ood = extra.pop("ood", None)
+    provenance = {
+        "color": "grayscale", "layout": "NHWC",
         "output": "P(PNEUMONIA), shape (N, 1)",
-        "threshold": src.threshold,
-        "threshold_rule": src.threshold_rule,
-        "precision": precision,
         "arch": arch,
         "trained_on": src.trained_on,
         "val_metrics": result.val_metrics,
@@ -489,34 +549,31 @@ def _metadata(src: _Source, cfg: PreprocessConfig, precision: str, result: Preci
         "parity": {"reference": "keras fp32", "images": parity_images, "n_images": n_parity,
                    "max_abs_diff": result.max_abs_diff,
                    "label_agreement": result.label_agreement},
-        "training": {k: src.config.get(k) for k in (
-            "img_size", "epochs", "batch_size", "lr", "weight_decay", "dropout",
-            "label_smoothing", "schedule", "seed", "init_seed", "augment", "class_balance",
-            "init_from", "freeze_until", "pull")
-            if k in src.config},
-        "calibration": src.val_record.get("calibration"),
-        **({"ensemble": src.config["ensemble"]} if src.config.get("ensemble") else {}),
+        "training": run.recipe if run else {},
+        "calibration": run.val.calibration if run else None,
+        **({"ensemble": run.config["ensemble"]} if run and run.config.get("ensemble") else {}),
         "opset": opset,
-        "versions": {"export": environment(), "training": src.config.get("versions")},
+        "versions": {"export": environment(), "training": run.config.get("versions") if run
+                     else None},
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "pneumo_edge_version": __version__,
         "disclaimer": "Research and engineering tool, not a medical device.",
-    }
-    meta.update(result.extra)
-    return meta
+    } | extra | (lung or {})  # an INT8 file's "calibration" is its quantisation record
+    return ModelMetadata(schema=SCHEMA_VERSION, input_name=INPUT_NAME, preprocess=cfg,
+                         threshold=src.threshold, threshold_rule=src.threshold_rule,
+                         precision=precision, outputs=outputs, ood=ood, provenance=provenance)
 
 
-def _finalise(proto, meta: dict) -> bytes:
+def _finalise(proto, meta: ModelMetadata) -> bytes:
     import onnx
     from onnx import helper
 
-    meta = finite_json(meta)
     try:  # what export writes must parse as the runtime reads it
-        validate(meta)
+        checked = validate(finite_json(meta.to_dict()))
     except MetadataError as exc:
         raise ExportError(f"refusing to write metadata that breaks the contract: {exc}") from None
     del proto.metadata_props[:]
-    helper.set_model_props(proto, {METADATA_KEY: json.dumps(meta, allow_nan=False)})
+    helper.set_model_props(proto, {METADATA_KEY: json.dumps(checked.to_dict(), allow_nan=False)})
     proto.producer_name = "pneumo-edge"
     proto.producer_version = __version__
     onnx.checker.check_model(proto)
@@ -524,7 +581,8 @@ def _finalise(proto, meta: dict) -> bytes:
 
 
 def export_run(source: str | os.PathLike, out_dir: str | os.PathLike = "exported", *,
-               fp16: bool = False, int8: bool = False, name: str | None = None, opset: int = 17,
+               fp16: bool = False, int8: bool = False, name: str | None = None,
+               opset: int = DEFAULT_OPSET,
                calib: str | os.PathLike | None = None, calib_size: int = 300,
                calib_method: str = "auto", force: bool = False, max_val: int | None = None,
                set_default: bool = False, calib_shift: bool = True, robustness: bool = True,
@@ -552,126 +610,230 @@ def export_run(source: str | os.PathLike, out_dir: str | os.PathLike = "exported
             and the threshold set on 500 others.
         progress: optional callable(str) for status lines.
 
-    Raises:
-        ExportError: refused (files exist, bad source) or FP32/FP16 parity failed.
-    """
-    import onnx
+    Steps: validate (every argument, the source and ``out_dir``, before TensorFlow
+    loads), convert, verify parity, quantise, verify the heads and robustness, write.
 
+    Raises:
+        ExportError: refused (bad argument or source, files exist) or a check failed;
+            nothing was written.
+    """
     say = progress or (lambda msg: None)
     t0 = time.perf_counter()
-    source = Path(source)
-    out_dir = Path(out_dir)
-    src = _load_source(source)
+    plan = validate_export(source, out_dir, fp16=fp16, int8=int8, name=name, opset=opset,
+                           calib=calib, calib_size=calib_size, calib_method=calib_method,
+                           force=force, max_val=max_val)
+    src = plan.src
     model, dropped = inference_model(src.keras_path)
-    shape = model.inputs[0].shape
-    cfg = PreprocessConfig(int(shape[1]), int(shape[2]), int(shape[3]))
-    arch = src.config.get("arch") or model.name
-    name = name or arch
-    precisions = ["fp32"] + (["fp16"] if fp16 else []) + (["int8"] if int8 else [])
-    targets = {p: out_dir / f"{name}_{p}.onnx" for p in precisions}
-    existing = [str(p) for p in targets.values() if p.exists()]
-    if existing and not force:
-        raise ExportError(f"refusing to overwrite {', '.join(existing)} (use --force)")
-    if calib_method not in CALIB_METHODS + ("auto",):
-        raise ExportError(f"unknown calibration method {calib_method!r}")
-
+    cfg = src.run.preprocess if src.run else keras_preprocess(model)
     rng = np.random.default_rng(0)
-    idx = np.arange(len(src.val_paths))
-    if max_val and len(idx) > max_val:
-        idx = np.sort(rng.permutation(len(idx))[:max_val])
-    val_paths = [src.val_paths[i] for i in idx]
-    val_patients = [src.val_patients[i] for i in idx]
-    val_labels = src.val_labels[idx] if len(src.val_labels) else src.val_labels
-    say(f"validation images: {len(val_paths)}")
-    if val_paths:
-        val_x = np.stack([load_image(p, cfg) for p in val_paths])
-    else:  # no validation split: parity is still checked, on random images
-        val_x = rng.uniform(0, 255, (16, cfg.height, cfg.width, cfg.channels)).astype(np.float32)
+    val = _validation_set(plan, cfg, rng, say)
     ood_meta = None
     if heads:
-        model, ood_meta = _add_heads(model, src, calib, cfg, ood_size, rng, say)
-    keras_out = model.predict(val_x, batch_size=32, verbose=0)
-    keras_out = keras_out if isinstance(keras_out, (list, tuple)) else [keras_out]
-    p_keras = np.asarray(keras_out[0]).reshape(-1).astype(np.float64)
-    parity_images = "validation" if val_paths else "random"
-    keras_metrics = (binary_metrics(val_labels, p_keras, src.threshold).to_dict()
-                     if val_labels.size else None)
+        model, ood_meta = _add_heads(model, src, plan.calib, cfg, ood_size, rng, say)
+    ref = _Reference.of(model, val, src.threshold)
 
-    results: list[PrecisionResult] = []
-    payloads: dict[str, bytes] = {}
     with tempfile.TemporaryDirectory(prefix="pneumo-export-") as tmp:
-        tmp = Path(tmp)
-        say("converting to ONNX (tf2onnx)")
-        proto32 = _to_onnx(model, cfg, opset)
-        onnx.checker.check_model(proto32)
-        fp32_path = tmp / "fp32.onnx"
-        onnx.save(proto32, str(fp32_path))
-        protos = {"fp32": proto32}
-        if fp16:
-            from .heads import lung_stage_nodes, ood_only_nodes
-            say("converting to FP16")
-            protos["fp16"] = _to_fp16(onnx.load(str(fp32_path)),
-                                       ood_only_nodes(proto32) + lung_stage_nodes(proto32))
-        for precision, proto in protos.items():
-            p = _ort_probs(proto.SerializeToString(), val_x)
-            diff, agree, metrics = _compare(p, p_keras, val_labels, src.threshold)
-            tol = PARITY_TOLERANCE[precision]
-            if diff > tol:
-                raise ExportError(f"{precision} parity failed: max |p - p_keras| = {diff:.2e} "
-                                  f"> {tol:g} on {len(val_x)} {parity_images} images; "
-                                  "nothing written")
-            results.append(PrecisionResult(precision, targets[precision], 0, diff, agree, metrics,
-                                           {"stripped_layers": dropped} if dropped else {}))
-        if int8:
-            calib_paths = _calibration_paths(src, calib, calib_size, rng)
-            say(f"INT8 calibration on {len(calib_paths)} images")
-            methods = CALIB_METHODS if calib_method == "auto" else (calib_method,)
-            tried = {}
-            best = None
-            pre_path = tmp / "fp32_pre.onnx"
-            _prepare_for_int8(fp32_path, pre_path)
-            for method in methods:
-                qpath = tmp / f"int8_{method}.onnx"
-                _to_int8(pre_path, qpath, calib_paths, cfg, method, shifted=calib_shift)
-                qproto = onnx.load(str(qpath))
-                p = _ort_probs(qproto.SerializeToString(), val_x)
-                diff, agree, metrics = _compare(p, p_keras, val_labels, src.threshold)
-                auc = metrics["auc"] if metrics and metrics["auc"] is not None else -1.0
-                tried[method] = {"val_auc": None if auc < 0 else auc, "max_abs_diff": diff,
-                                 "label_agreement": agree}
-                say(f"  {method}: val AUC {'n/a' if auc < 0 else f'{auc:.4f}'}, "
-                    f"label agreement with Keras {agree:.4f}")
-                key = (auc, agree or 0.0)
-                if best is None or key > best[0]:
-                    best = (key, method, qproto, diff, agree, metrics)
-            _, method, qproto, diff, agree, metrics = best
-            protos["int8"] = qproto
-            results.append(PrecisionResult("int8", targets["int8"], 0, diff, agree, metrics, {
-                "calibration": {"method": method, "n_images": len(calib_paths),
-                                "source": str(calib) if calib else "training split of the run",
-                                "shifted": calib_shift,
-                                "methods_tried": tried, "format": "QDQ",
-                                "per_channel": True, "activations": "uint8",
-                                "weights": "int8"}}))
+        protos, pre_path = _convert(model, cfg, plan, Path(tmp), say)
+        results = _verify_parity(plan, protos, val, ref, dropped)
+        if "int8" in plan.targets:
+            protos["int8"], int8_result = _quantise(plan, pre_path, cfg, val, ref, rng,
+                                                    calib_shift, say)
+            results.append(int8_result)
         if ood_meta is not None:
-            _check_heads(results, protos, keras_out, val_x, ood_meta)
-        if robustness and val_paths:
-            _robustness(results, protos, cfg, val_paths, val_labels, src.threshold, say)
-        for r in results:
-            meta = _metadata(src, cfg, r.precision, r, keras_metrics, opset, arch,
-                             parity_images, len(val_x)) | {
-                "outputs": _outputs_meta(protos[r.precision])} | _lung_meta(model, src.config)
-            payloads[r.precision] = _finalise(protos[r.precision], meta)
-            r.size_bytes = len(payloads[r.precision])
+            _check_heads(results, protos, ref.outputs, val.x, ood_meta)
+        if robustness and val.paths:
+            _robustness(results, protos, cfg, val.paths, val.labels, src.threshold, say)
+        lung = _lung_meta(model, src.run.config if src.run else {})
+        payloads = {r.precision: _finalise(protos[r.precision], _metadata(
+            src, cfg, r.precision, r, ref.metrics, plan.opset, src.arch, val.kind, len(val.x),
+            _outputs_meta(protos[r.precision]), lung)) for r in results}
+    for r in results:
+        r.size_bytes = len(payloads[r.precision])
+    _write(plan, results, payloads, val, set_default)
+    return ExportResult(results, src.threshold, src.threshold_rule, int(val.labels.size),
+                        time.perf_counter() - t0, plan.out_dir)
+
+
+# ---------------------------------------------------------------- steps 2-5
+
+@dataclass
+class _ValidationSet:
+    """The validation images parity and metrics are measured on (random images when the
+    source has no split: parity is still checked)."""
+
+    paths: list[str]
+    patients: list[str]
+    labels: np.ndarray
+    x: np.ndarray
+
+    @property
+    def kind(self) -> str:
+        return "validation" if self.paths else "random"
+
+
+def _validation_set(plan: _Plan, cfg: PreprocessConfig, rng, say) -> _ValidationSet:
+    samples = plan.src.val_samples
+    idx = np.arange(len(samples))
+    if plan.max_val and len(idx) > plan.max_val:
+        idx = np.sort(rng.permutation(len(idx))[:plan.max_val])
+    chosen = [samples[i] for i in idx]
+    paths = [s.path for s in chosen]
+    say(f"validation images: {len(paths)}")
+    if paths:
+        x = np.stack([load_image(p, cfg) for p in paths])
+    else:
+        x = rng.uniform(0, 255, (16, cfg.height, cfg.width, cfg.channels)).astype(np.float32)
+    return _ValidationSet(paths, [s.patient for s in chosen],
+                          np.array([s.label for s in chosen]), x)
+
+
+@dataclass
+class _Reference:
+    """The Keras model's outputs on the validation set: what every file is compared to."""
+
+    outputs: list
+    probs: np.ndarray
+    metrics: dict | None
+    labels: np.ndarray
+    threshold: float
+
+    @classmethod
+    def of(cls, model, val: _ValidationSet, threshold: float) -> "_Reference":
+        out = model.predict(val.x, batch_size=32, verbose=0)
+        out = list(out) if isinstance(out, (list, tuple)) else [out]
+        probs = np.asarray(out[0]).reshape(-1).astype(np.float64)
+        metrics = (binary_metrics(val.labels, probs, threshold).to_dict()
+                   if val.labels.size else None)
+        return cls(out, probs, metrics, val.labels, threshold)
+
+    def compare(self, p: np.ndarray):
+        return _compare(p, self.probs, self.labels, self.threshold)
+
+
+def _convert(model, cfg: PreprocessConfig, plan: _Plan, tmp: Path, say):
+    """Step 2: the FP32 graph (and FP16); returns the protos and the FP32 model prepared
+    for quantisation (None without INT8)."""
+    import onnx
+
+    say("converting to ONNX (tf2onnx)")
+    proto32 = _to_onnx(model, cfg, plan.opset)
+    onnx.checker.check_model(proto32)
+    fp32_path = tmp / "fp32.onnx"
+    onnx.save(proto32, str(fp32_path))
+    protos = {"fp32": proto32}
+    if "fp16" in plan.targets:
+        from .heads import lung_stage_nodes, ood_only_nodes
+        say("converting to FP16")
+        protos["fp16"] = _to_fp16(onnx.load(str(fp32_path)),
+                                   ood_only_nodes(proto32) + lung_stage_nodes(proto32))
+    pre_path = None
+    if "int8" in plan.targets:
+        pre_path = tmp / "fp32_pre.onnx"
+        _prepare_for_int8(fp32_path, pre_path)
+    return protos, pre_path
+
+
+def _verify_parity(plan: _Plan, protos: dict, val: _ValidationSet, ref: _Reference,
+                   dropped: list[str]) -> list[PrecisionResult]:
+    """Step 3: FP32 and FP16 against Keras, within :data:`PARITY_TOLERANCE`."""
+    results = []
+    for precision, proto in protos.items():
+        diff, agree, metrics = ref.compare(_ort_probs(proto.SerializeToString(), val.x))
+        tol = PARITY_TOLERANCE[precision]
+        if diff > tol:
+            raise ExportError(f"{precision} parity failed: max |p - p_keras| = {diff:.2e} "
+                              f"> {tol:g} on {len(val.x)} {val.kind} images; nothing written")
+        results.append(PrecisionResult(precision, plan.targets[precision], 0, diff, agree,
+                                       metrics, {"stripped_layers": dropped} if dropped else {}))
+    return results
+
+
+def _quantise(plan: _Plan, pre_path: Path, cfg: PreprocessConfig, val: _ValidationSet,
+              ref: _Reference, rng, calib_shift: bool, say):
+    """Step 4: static INT8 by every calibration method asked for; the best validation
+    AUC (then label agreement with Keras) is kept."""
+    import onnx
+
+    calib_paths = _calibration_paths(plan.src, plan.calib, plan.calib_size, rng)
+    say(f"INT8 calibration on {len(calib_paths)} images")
+    tried = {}
+    best = None
+    for method in plan.calib_methods:
+        qpath = pre_path.with_name(f"int8_{method}.onnx")
+        _to_int8(pre_path, qpath, calib_paths, cfg, method, shifted=calib_shift)
+        qproto = onnx.load(str(qpath))
+        diff, agree, metrics = ref.compare(_ort_probs(qproto.SerializeToString(), val.x))
+        auc = metrics["auc"] if metrics and metrics["auc"] is not None else -1.0
+        tried[method] = {"val_auc": None if auc < 0 else auc, "max_abs_diff": diff,
+                         "label_agreement": agree}
+        say(f"  {method}: val AUC {'n/a' if auc < 0 else f'{auc:.4f}'}, "
+            f"label agreement with Keras {agree:.4f}")
+        key = (auc, agree or 0.0)
+        if best is None or key > best[0]:
+            best = (key, method, qproto, diff, agree, metrics)
+    _, method, qproto, diff, agree, metrics = best
+    return qproto, PrecisionResult("int8", plan.targets["int8"], 0, diff, agree, metrics, {
+        "calibration": {"method": method, "n_images": len(calib_paths),
+                        "source": str(plan.calib) if plan.calib else "training split of the run",
+                        "shifted": calib_shift, "methods_tried": tried, "format": "QDQ",
+                        "per_channel": True, "activations": "uint8", "weights": "int8"}})
+
+
+def _write(plan: _Plan, results: list[PrecisionResult], payloads: dict[str, bytes],
+           val: _ValidationSet, set_default: bool) -> None:
+    """Step 5: the model files (and default.txt, val_split.csv), each renamed into place."""
     for r in results:
         atomic_write(r.path, payloads[r.precision])
     if set_default:
-        atomic_write(out_dir / "default.txt", choose_default(results).path.name + "\n")
-    if val_paths:
-        write_val_split(Path(src.config.get("data", ".")), val_paths, val_patients, val_labels,
-                        out_dir / "val_split.csv")
-    return ExportResult(results, src.threshold, src.threshold_rule, int(val_labels.size),
-                        time.perf_counter() - t0)
+        atomic_write(plan.out_dir / "default.txt", choose_default(results).path.name + "\n")
+    if val.paths:
+        write_val_split(Path(plan.src.run.config.get("data", ".")), val.paths, val.patients,
+                        val.labels, plan.out_dir / "val_split.csv")
+
+
+#: What each export option means (``pneumo-edge export --help``; defaults and choices
+#: are appended from :func:`export_run` itself).
+HELP = {
+    "fp16": "Also write an FP16 model (half size; for GPU and Arm).",
+    "int8": "Also write a static INT8 (QDQ) model (fast on CPUs).",
+    "out_dir": "Output folder.",
+    "name": "File stem (default: the architecture); files are NAME_fp32.onnx etc.",
+    "opset": "ONNX opset",
+    "calib": "Images for INT8 calibration (default: the run's training split).",
+    "calib_size": "How many calibration images (random, seeded).",
+    "calib_method": "Calibration method; auto tries each and keeps the best validation AUC",
+    "max_val": "Evaluate on at most N validation images.",
+    "force": "Overwrite existing files.",
+    "heads": "Add the cam (heatmap) and ood outputs to the graph.",
+    "robustness": "Run the robustness suite on every file (metadata; the INT8 default rule "
+                  "needs it).",
+}
+
+
+def option_help() -> dict[str, str]:
+    """Help text per ``export`` option (the CLI's parameter names), with its default."""
+    import inspect
+
+    params = inspect.signature(export_run).parameters
+    extra = {"opset": f"{OPSETS[0]}..{OPSETS[1]}",
+             "calib_method": "one of " + ", ".join(CALIB_METHODS + ("auto",)),
+             "set_default": None}
+    out = {}
+    for name, text in HELP.items():
+        parts = [p for p in (extra.get(name),) if p]
+        default = params[name].default
+        if default is True:
+            parts.append("default on")
+        elif default is not None and not isinstance(default, bool):
+            parts.append(f"default {default}")
+        out["out" if name == "out_dir" else name] = text + (f" ({'; '.join(parts)})"
+                                                             if parts else "")
+    out["set_default"] = (
+        "Make this export predict's default (OUT/default.txt): INT8 if it holds up against "
+        f"FP32 (validation AUC within {INT8_MAX_AUC_LOSS} and, where the robustness suite "
+        f"ran, every row's AUC within {INT8_MAX_AUC_LOSS} and label agreement at least "
+        f"{INT8_MIN_AGREEMENT:.0%}), else FP32.")
+    return out
 
 
 INT8_MAX_AUC_LOSS = 0.005

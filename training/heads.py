@@ -20,10 +20,10 @@ from __future__ import annotations
 
 import numpy as np
 
+from pneumo_edge.metadata import CAM_OUTPUT as CAM_NAME
+from pneumo_edge.metadata import OOD_OUTPUT as OOD_NAME
 from pneumo_edge.ood import OodFit, fit_ood, ledoit_wolf  # noqa: F401 (one copy, numpy only)
 
-CAM_NAME = "cam"
-OOD_NAME = "ood"
 GAP_LAYER = "gap"
 #: outputs of the lung-field stage (``*_lung`` models): the box the classifier saw,
 #: (y0, x0, y1, x1) fractions of the frame, and the share of the frame that is lung

@@ -10,8 +10,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable
 
+from pneumo_edge.metadata import PROB_OUTPUT as OUTPUT_NAME
+
 INPUT_NAME = "image"
-OUTPUT_NAME = "pneumonia_prob"
 #: the lung-field stage's layer in the ``*_lung`` models (training.lungcrop.LungCrop)
 LUNG_LAYER = "lung_crop"
 #: the trained lung segmenter shipped with the training package

@@ -8,6 +8,7 @@ A run folder holds everything needed to continue, audit and export a run:
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 import time
@@ -17,6 +18,7 @@ from typing import Callable
 
 import numpy as np
 
+from pneumo_edge.io import atomic_path, write_json, write_set
 from pneumo_edge.metrics import (apply_temperature, binary_metrics, choose_threshold,
                                  choose_threshold_robust, expected_calibration_error,
                                  fit_platt)
@@ -31,6 +33,7 @@ SCHEDULES = ("cosine", "plateau")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 SPLITS = ("patient", "block")
 STRATEGIES = ("auto", "mirrored", "default", "multiworker")
+THRESHOLD_RULES = ("robust", "clean")
 
 
 @dataclass
@@ -102,7 +105,7 @@ class TrainConfig:
         one_of("strategy", self.strategy, STRATEGIES)
         one_of("precision", self.precision, PRECISIONS)
         one_of("split", self.split, SPLITS)
-        one_of("threshold_rule", self.threshold_rule, ("robust", "clean"))
+        one_of("threshold_rule", self.threshold_rule, THRESHOLD_RULES)
         from .init_from import FREEZE_STAGES
         one_of("freeze_until", self.freeze_until, FREEZE_STAGES)
         if not self.init_from and (self.freeze_until != "none" or self.pull):
@@ -121,6 +124,8 @@ class TrainConfig:
                   ("label_smoothing", 0.0 <= self.label_smoothing < 0.5, "in [0, 0.5)"),
                   ("ema_decay", 0.0 <= self.ema_decay < 1.0, "in [0, 1)"),
                   ("patience", self.patience >= 1, "at least 1"),
+                  ("max_images", self.max_images is None or self.max_images >= 4,
+                   "at least 4"),
                   ("crop_size", self.crop_size is None or 16 <= self.crop_size <= self.img_size,
                    "between 16 and --img-size"),
                   ("segmenter", self.segmenter is None or Path(self.segmenter).is_file(),
@@ -184,6 +189,8 @@ class TrainResult:
     n_train: int
     n_val: int
     no_patient_files: int
+    #: a worker that is not the chief of a multi-worker run: where the results are
+    worker_note: str = ""
 
 
 class TrainInterrupted(RuntimeError):
@@ -307,12 +314,6 @@ def _subsample(samples, n, seed):
     return [samples[i] for i in sorted(idx)]
 
 
-def _write_json(path: Path, obj) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def plot_curves(history_csv: Path, out_png: Path) -> None:
     """Loss, AUC and learning rate per epoch from ``history.csv``."""
     import matplotlib
@@ -334,10 +335,9 @@ def plot_curves(history_csv: Path, out_png: Path) -> None:
         axes[2].plot(ep, col("learning_rate"), marker="o")
     axes[2].set_title("learning rate"); axes[2].set_xlabel("epoch"); axes[2].grid(alpha=0.3)
     fig.tight_layout()
-    tmp = out_png.with_name(out_png.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=100)
+    with atomic_path(out_png) as tmp:
+        fig.savefig(tmp, dpi=100, format="png")
     plt.close(fig)
-    os.replace(tmp, out_png)
 
 
 def _lr_schedule(cfg: TrainConfig, steps_per_epoch: int):
@@ -629,7 +629,7 @@ def train(cfg: TrainConfig, *, resume: bool = False,
                                 "no_patient_files": no_patient,
                                 "n_train": len(train_s), "n_val": len(val_s),
                                 "class_names": list(CLASS_NAMES)}
-    _write_json(run_dir / "config.json", cfg_dict)
+    write_json(run_dir / "config.json", cfg_dict)
     if on_start:
         on_start(cfg_dict)
 
@@ -648,10 +648,10 @@ def train(cfg: TrainConfig, *, resume: bool = False,
         import shutil
         epochs_run = len(_read_history(history_csv))
         shutil.rmtree(run_dir, ignore_errors=True)
-        return TrainResult(chief_dir, 0, epochs_run, {}, float("nan"),
-                           f"worker {role.index} of {role.n_workers}: the chief writes "
-                           f"{chief_dir}", devices, round(seconds, 1), len(train_s),
-                           len(val_s), no_patient)
+        return TrainResult(chief_dir, 0, epochs_run, {}, float("nan"), "", devices,
+                           round(seconds, 1), len(train_s), len(val_s), no_patient,
+                           worker_note=f"worker {role.index} of {role.n_workers}: the chief "
+                                       f"writes {chief_dir}")
 
     previous = (json.loads((run_dir / "val_metrics.json").read_text())
                 if resume and (run_dir / "val_metrics.json").exists() else {})
@@ -724,6 +724,8 @@ def finish_run(run_dir: Path, cfg: TrainConfig, val_inputs: Callable[[str], np.n
         for view, mask in views.items():
             m, sh = scored(mask)
             val["views"][view] = {"n": int(mask.sum()), "metrics": m, "shifted_metrics": sh}
-    _write_json(run_dir / "val_metrics.json", val)
-    np.save(run_dir / "val_probs.npy", probs.astype(np.float32))
+    buf = io.BytesIO()
+    np.save(buf, probs.astype(np.float32))
+    write_set({run_dir / "val_metrics.json": json.dumps(val, indent=2) + "\n",
+               run_dir / "val_probs.npy": buf.getvalue()})
     return val

@@ -59,7 +59,7 @@ def build_sr(source: Path, pred, model) -> "object":
                               ImageContentItem, NumContentItem, TextContentItem)
 
     from .. import __version__
-    from ..report import DISCLAIMER
+    from ..records import DISCLAIMER
 
     header = pydicom.dcmread(source, stop_before_pixels=True)
     # the patient and study modules are copied from the source; type 2 attributes a
