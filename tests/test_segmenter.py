@@ -12,7 +12,7 @@ import pytest
 
 from pneumo_edge import lung
 
-from conftest import SHARED_TRAIN
+from helpers import SHARED_TRAIN
 
 WEIGHTS = Path(__file__).resolve().parents[1] / "training" / "weights" / "lung_unet96.keras"
 

@@ -25,7 +25,7 @@ pytest.importorskip("pynetdicom")
 pytest.importorskip("prometheus_client")
 httpx = pytest.importorskip("httpx")
 
-from conftest import make_tiny_onnx, write_gray_jpeg  # noqa: E402
+from helpers import make_tiny_onnx, write_gray_jpeg  # noqa: E402
 
 import dicom_factory as F  # noqa: E402
 from pneumo_edge.images import collect_images, decode_gray  # noqa: E402

@@ -18,7 +18,7 @@ httpx = pytest.importorskip("httpx")
 pydicom = pytest.importorskip("pydicom")
 
 import dicom_factory as F  # noqa: E402
-from conftest import make_tiny_onnx  # noqa: E402
+from helpers import make_tiny_onnx  # noqa: E402
 from test_serve import EXAMPLE, RELEASE_INT8, wait_until, serve  # noqa: E402,F401
 
 from pneumo_edge.images import decode_gray  # noqa: E402

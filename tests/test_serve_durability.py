@@ -26,7 +26,7 @@ httpx = pytest.importorskip("httpx")
 pytest.importorskip("pydicom")
 
 import dicom_factory as F  # noqa: E402
-from conftest import make_tiny_onnx  # noqa: E402
+from helpers import make_tiny_onnx  # noqa: E402
 from test_serve import wait_until  # noqa: E402
 from test_serve_dicom import associate  # noqa: E402
 
