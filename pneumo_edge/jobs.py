@@ -237,7 +237,7 @@ ROBUSTNESS_HELP = {
 def robustness_help() -> dict[str, str]:
     from .robustness import PERTURBATIONS
 
-    return _described(ROBUSTNESS_HELP, {}, {"rows": PERTURBATIONS})
+    return o.described(ROBUSTNESS_HELP, {}, {"rows": PERTURBATIONS})
 
 @dataclass
 class RobustnessOutcome:
@@ -399,18 +399,6 @@ def benchmark_job(models: Sequence[Path], *, data: Path | None = None,
 
 # ---------------------------------------------------------------- serve, calibrate
 
-def _described(texts: dict[str, str], defaults: dict, choices: dict | None = None) -> dict:
-    """Help texts with their choices and defaults appended (for the CLI's --help)."""
-    out = {}
-    for name, text in texts.items():
-        extra = ["one of " + ", ".join(choices[name])] if choices and name in choices else []
-        value = defaults.get(name)
-        if value is not None and not isinstance(value, bool) and value != ():
-            extra.append(f"default {value}")
-        out[name] = text + (f" ({'; '.join(extra)})" if extra else "")
-    return out
-
-
 SERVE_HELP = {
     "model": "ONNX model with pneumo_edge metadata (default: the release model).",
     "host": "Address of both listeners; 127.0.0.1 keeps them on this machine.",
@@ -434,7 +422,7 @@ SERVE_HELP = {
                        "spool/dead-letter.",
     "workers": "Decoding threads.",
     "threads": "onnxruntime intra-op threads (default: physical cores).",
-    "log_level": "Server log level (default info).",
+    "log_level": "Server log level.",
 }
 
 
@@ -443,7 +431,11 @@ def serve_help() -> dict[str, str]:
 
     from .serve.config import ServeConfig
 
-    return _described(SERVE_HELP, {f.name: f.default for f in fields(ServeConfig)},
+    import inspect
+
+    console = inspect.signature(serve_job).parameters["log_level"].default
+    return o.described(SERVE_HELP, {f.name: f.default for f in fields(ServeConfig)}
+                       | {"log_level": console},
                       {"log_level": SERVE_LOG_LEVELS})
 
 
@@ -502,7 +494,7 @@ def calibrate_help() -> dict[str, str]:
     from .calibrate import RULES, calibrate
 
     defaults = {k: p.default for k, p in inspect.signature(calibrate).parameters.items()}
-    return _described(CALIBRATE_HELP, defaults, {"rule": RULES})
+    return o.described(CALIBRATE_HELP, defaults, {"rule": RULES})
 
 
 def calibrate_job(model: Path, data: Path, out: Path, **kwargs):

@@ -11,7 +11,7 @@ from enum import Enum
 
 __all__ = ["Device", "FlaggedAs", "Engine", "RayDecode", "Bound", "BATCH_SIZE", "ACTORS",
            "REPORT_LIMIT", "SHOW", "WORKERS", "THREADS", "BENCH_SECONDS", "BENCH_BATCH_SIZES",
-           "choices"]
+           "choices", "described"]
 
 
 class Device(str, Enum):
@@ -62,6 +62,23 @@ class Bound:
                                                          and value > self.hi):
             rng = f"{self.lo if self.lo is not None else ''}..{self.hi if self.hi is not None else ''}"
             raise ValueError(f"--{name.replace('_', '-')} must be in {rng}, got {value!r}")
+
+
+def described(texts: dict[str, str], defaults: dict, choices: dict | None = None,
+              ranges: dict | None = None) -> dict[str, str]:
+    """Help texts for ``--help`` with the choices, ranges and defaults appended (plain text;
+    a True default reads "on", False and None defaults are left out)."""
+    out = {}
+    for name, text in texts.items():
+        extra = ["one of " + ", ".join(choices[name])] if choices and name in choices else []
+        extra += [ranges[name]] if ranges and name in ranges else []
+        value = defaults.get(name)
+        if value is True:
+            extra.append("default on")
+        elif value not in (None, False, ()):
+            extra.append(f"default {value}")
+        out[name] = text + (f" ({'; '.join(extra)})" if extra else "")
+    return out
 
 
 #: Images per model run (a batch of 1024 180-px images is 400 MB of input).

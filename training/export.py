@@ -814,20 +814,12 @@ def option_help() -> dict[str, str]:
     """Help text per ``export`` option (the CLI's parameter names), with its default."""
     import inspect
 
-    params = inspect.signature(export_run).parameters
-    extra = {"opset": f"{OPSETS[0]}..{OPSETS[1]}",
-             "calib_method": "one of " + ", ".join(CALIB_METHODS + ("auto",)),
-             "set_default": None}
-    out = {}
-    for name, text in HELP.items():
-        parts = [p for p in (extra.get(name),) if p]
-        default = params[name].default
-        if default is True:
-            parts.append("default on")
-        elif default is not None and not isinstance(default, bool):
-            parts.append(f"default {default}")
-        out["out" if name == "out_dir" else name] = text + (f" ({'; '.join(parts)})"
-                                                             if parts else "")
+    from pneumo_edge.options import described
+
+    defaults = {k: p.default for k, p in inspect.signature(export_run).parameters.items()}
+    out = described(HELP, defaults, {"calib_method": CALIB_METHODS + ("auto",)},
+                    {"opset": f"{OPSETS[0]}..{OPSETS[1]}"})
+    out["out"] = out.pop("out_dir")
     out["set_default"] = (
         "Make this export predict's default (OUT/default.txt): INT8 if it holds up against "
         f"FP32 (validation AUC within {INT8_MAX_AUC_LOSS} and, where the robustness suite "

@@ -96,17 +96,9 @@ def _defaults() -> dict[str, Any]:
 
 def option_help() -> dict[str, str]:
     """Help text per option: its meaning, its choices and its default (plain text)."""
-    defaults, choices = _defaults(), _choices()
-    out = {}
-    for name, text in HELP.items():
-        extra = []
-        if name in choices:
-            extra.append("one of " + ", ".join(choices[name]))
-        if name in defaults:
-            value = defaults[name]
-            extra.append(f"default {('off', 'on')[value] if isinstance(value, bool) else value}")
-        out[name] = text + (f" ({'; '.join(extra)})" if extra else "")
-    return out
+    from pneumo_edge.options import described
+
+    return described(HELP, _defaults(), _choices())
 
 
 def cluster_config(cluster: str | None, task_index: int | None) -> str | None:
