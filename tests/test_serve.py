@@ -323,6 +323,12 @@ def test_a_slow_body_gets_408_and_does_not_block_others(serve, tiny, tmp_path):
     assert b"not received within 1 s" in reply
 
 
+def test_one_server_per_spool(serve, tiny, tmp_path):
+    serve(tiny, spool=tmp_path / "shared-spool")
+    with pytest.raises(ServeError, match="another pneumo-edge run"):
+        serve(tiny, spool=tmp_path / "shared-spool")
+
+
 def test_import_pneumo_edge_does_not_import_the_serve_stack():
     code = ("import sys, pneumo_edge, pneumo_edge.cli, pneumo_edge.serve;"
             "bad = [m for m in ('fastapi', 'uvicorn', 'pynetdicom', 'prometheus_client',"

@@ -26,8 +26,9 @@ from typing import Callable
 import numpy as np
 
 from ..images import ImageDecodeError
-from ..predict import Failure, Prediction, batch_records, decode_file
+from ..predict import batch_records, decode_file
 from ..preprocess import to_model_input
+from ..records import Failure, Prediction
 from ..runtime import ModelError, PneumoModel
 
 __all__ = ["Job", "MicroBatcher"]

@@ -19,7 +19,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from .. import __version__
-from ..predict import Prediction
+from ..records import Prediction
 from .metrics import CONTENT_TYPE_LATEST
 from .service import Service, heatmap_png, prediction_json
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import __version__
-from ..predict import Failure, Prediction
+from ..records import Failure, Prediction, to_http
 from ..runtime import PneumoModel
 from .batcher import Job, MicroBatcher
 from .config import ServeConfig
@@ -39,23 +39,14 @@ STATUS_CANNOT_UNDERSTAND = 0xC000
 
 
 def prediction_json(pred: Prediction, model: PneumoModel) -> dict:
-    """The HTTP / result-store form of one prediction: report.json's per-image fields
-    (``path`` left out: there is none) plus ``threshold``, ``flagged`` and the model.
+    """The HTTP / result-store form of one prediction: :func:`pneumo_edge.records.to_http`
+    (report.json's per-image fields unrounded, with threshold and flagged) plus the model.
 
-    The probability is the float ``predict`` computed, unrounded: JSON keeps it exact.
+    The probability is the float ``predict`` computed: JSON keeps it exact.
     """
-    out = {"probability": pred.probability, "label": pred.label, "threshold": pred.threshold,
-           "ood_score": None if pred.ood_score is None or not np.isfinite(pred.ood_score)
-           else pred.ood_score,
-           "in_distribution": pred.in_distribution, "flagged": pred.flagged,
-           "warnings": list(pred.warnings), "dicom": pred.dicom,
-           "model": {"name": model.path.name, "sha256": model.sha256,
-                     "precision": model.precision},
-           "pneumo_edge_version": __version__}
-    lung_box = getattr(pred, "lung_box", None)  # models with the lung-field stage
-    if lung_box is not None:
-        out["lung_box"] = list(lung_box)
-    return out
+    return to_http(pred) | {"model": {"name": model.path.name, "sha256": model.sha256,
+                                      "precision": model.precision},
+                            "pneumo_edge_version": __version__}
 
 
 def heatmap_png(path: Path, pred: Prediction) -> str | None:

@@ -1,18 +1,19 @@
 """The spool folder: received DICOM instances on disk before anyone is told "stored".
 
-Layout (one server per folder, held by a lock on ``.lock``)::
+Layout (one server per folder, held by :func:`pneumo_edge.io.output_lock`)::
 
     incoming/<SOP Instance UID>.dcm   acknowledged, result not yet stored
     kept/<SOP Instance UID>.dcm       with --keep-spool: after the result is stored
     outbox/<SOP Instance UID>.dcm     Structured Reports waiting to be forwarded
     dead-letter/                      reports the destination never took
-    tmp/                              partial writes and HTTP bodies (emptied at start)
+    tmp/                              HTTP bodies (emptied at start)
     results.sqlite                    the result store
 
-A file appears under ``incoming/`` only by a rename after its bytes and the
-temporary file were fsynced, and the folder is fsynced after the rename, so an
-instance acknowledged to a sender survives ``kill -9`` and a power cut; a
-crash mid-write leaves at most a file in ``tmp/``, which the next start removes.
+A file appears under ``incoming/`` only through the one atomic writer
+(:func:`pneumo_edge.io.atomic_write` with ``durable=True``: the temporary file
+is fsynced, renamed, and the folder fsynced), so an instance acknowledged to a
+sender survives ``kill -9`` and a power cut; a crash mid-write leaves at most a
+hidden ``.*.tmp`` file, which the next start removes.
 """
 
 from __future__ import annotations
@@ -20,9 +21,10 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import tempfile
+from contextlib import ExitStack
 from pathlib import Path
 
+from ..io import OutputLocked, atomic_write, output_lock
 from .config import ServeError
 
 __all__ = ["Spool", "valid_uid"]
@@ -36,17 +38,6 @@ def valid_uid(uid: object) -> bool:
     return isinstance(uid, str) and 0 < len(uid) <= 64 and bool(_UID.match(uid))
 
 
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:  # Windows cannot open folders; its renames are durable enough here
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 class Spool:
     """The folders of one spool and durable writes into them."""
 
@@ -58,60 +49,45 @@ class Spool:
         self.dead = self.root / "dead-letter"
         self.tmp = self.root / "tmp"
         self.db_path = self.root / "results.sqlite"
-        self._lock_fh = None
+        self._held = ExitStack()
 
     def open(self) -> "Spool":
-        """Create the folders, take the lock and empty ``tmp/``.
+        """Take the folder's lock, create the folders, remove what a crash left half-written.
 
         Raises:
             ServeError: the folder cannot be created or written, or another server holds it.
         """
         try:
+            self._held.enter_context(output_lock(self.root, wait=0))
             for folder in (self.incoming, self.kept, self.outbox, self.dead, self.tmp):
                 folder.mkdir(parents=True, exist_ok=True)
-            self._lock_fh = open(self.root / ".lock", "a+b")
+        except OutputLocked as exc:
+            self._held.close()
+            raise ServeError(f"--spool {exc}") from None
         except OSError as exc:
+            self._held.close()
             raise ServeError(f"--spool {self.root}: cannot create or write it "
                              f"({exc.strerror or exc})") from None
-        try:
-            import fcntl
-            fcntl.flock(self._lock_fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except ImportError:  # not POSIX: no lock
-            pass
-        except OSError:
-            self._lock_fh.close()
-            self._lock_fh = None
-            raise ServeError(f"--spool {self.root}: another pneumo-edge serve is using this "
-                             "folder") from None
         for stale in self.tmp.iterdir():
             if stale.is_dir():
                 shutil.rmtree(stale, ignore_errors=True)
             else:
                 stale.unlink(missing_ok=True)
+        for folder in (self.incoming, self.outbox, self.dead, self.kept):
+            for stale in folder.glob(".*.tmp"):  # the atomic writer's, from a crash
+                stale.unlink(missing_ok=True)
         return self
 
     def close(self) -> None:
-        if self._lock_fh is not None:
-            self._lock_fh.close()
-            self._lock_fh = None
+        self._held.close()
 
     def writable(self) -> bool:
         return os.access(self.incoming, os.W_OK | os.X_OK) and os.access(self.tmp, os.W_OK)
 
     def durable_write(self, folder: Path, name: str, data: bytes) -> Path:
-        """Write ``data`` to ``folder/name``: temp file, fsync, rename, fsync of the folder."""
-        fd, tmp = tempfile.mkstemp(prefix=".in-", suffix=".tmp", dir=self.tmp)
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(data)
-                fh.flush()
-                os.fsync(fh.fileno())
-            target = folder / name
-            os.replace(tmp, target)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        _fsync_dir(folder)
+        """Write ``data`` to ``folder/name`` durably (fsynced file, rename, fsynced folder)."""
+        target = folder / name
+        atomic_write(target, data, durable=True)
         return target
 
     def incoming_path(self, uid: str) -> Path:
