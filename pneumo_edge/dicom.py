@@ -26,16 +26,21 @@ identifying attributes in :data:`IDENTIFYING` in case a parser quotes one.
 from __future__ import annotations
 
 import io
+import mmap
+import os
 import re
 import warnings
+import zlib
+from typing import Callable
 
 import numpy as np
 
+from .codestreams import codestream_frame
 #: What a prediction reports about a DICOM file; nothing else is read out of it.
 from .records import DICOM_FACTS as FACT_KEYS
 
-__all__ = ["FACT_KEYS", "IDENTIFYING", "LATERAL_VIEWS", "DicomError", "decode_dicom",
-           "supported_transfer_syntaxes"]
+__all__ = ["FACT_KEYS", "IDENTIFYING", "LATERAL_VIEWS", "DecodeStop", "DicomError",
+           "decode_dicom", "supported_transfer_syntaxes"]
 
 #: Views the model was not trained on (it saw frontal PA/AP chest X-rays).
 LATERAL_VIEWS = frozenset({"LL", "RL", "LATERAL", "LAT"})
@@ -60,9 +65,68 @@ _PIXEL_DATA_TAG = b"\xe0\x7f\x10\x00"  # (7FE0,0010), little endian
 _MAX_FACT = 64
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
+#: Parsing stops after this many reads (an element header or value is one read,
+#: an element one to three). X-ray headers take a few thousand; millions of tiny
+#: elements would cost about 0.3 KB of memory and 10 microseconds each.
+MAX_READS = 50_000
+#: What the parsed elements may take besides their values (reserved before parsing).
+PARSE_BYTES = 24 * 1024 * 1024
+#: A Deflated Explicit VR Little Endian dataset is inflated in steps of this size,
+#: each reserved before it is inflated; the inflated dataset counts twice (the
+#: inflated buffer and the values parsed out of it).
+_INFLATE_STEP = 8 * 1024 * 1024
+#: The inflated dataset may not exceed the size a file may have.
+MAX_INFLATED_BYTES = 256 * 1024 * 1024
+#: Rows processed at a time by the display pipeline: its float32 arrays never
+#: hold more than this many pixels, whatever the image size.
+_STRIP_PIXELS = 1 << 18
+_STRIP_BYTES = 6 * 4 * _STRIP_PIXELS
+#: Transfer syntaxes whose pixel data is a codestream with its own size header.
+_CODESTREAM_SYNTAXES = {
+    "1.2.840.10008.1.2.4.50", "1.2.840.10008.1.2.4.51", "1.2.840.10008.1.2.4.57",
+    "1.2.840.10008.1.2.4.70", "1.2.840.10008.1.2.4.80", "1.2.840.10008.1.2.4.81",
+    "1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.4.91", "1.2.840.10008.1.2.4.201",
+    "1.2.840.10008.1.2.4.202", "1.2.840.10008.1.2.4.203"}
+
+#: ``reserve(total_bytes, what)``: called before each allocation that grows with
+#: the image; may raise :class:`DecodeStop` to stop the decode.
+Reserve = Callable[[int, str], None]
+
 
 class DicomError(ValueError):
     """A DICOM file that cannot be shown as an image; one line, no identifying values."""
+
+
+class DecodeStop(Exception):
+    """Raised by a ``reserve`` callback; :func:`decode_dicom` lets it through unchanged."""
+
+
+class _TooManyElements(Exception):
+    pass
+
+
+_TOO_MANY = (f"DICOM dataset with too many elements (parsing stopped after {MAX_READS} "
+             "element headers and values)")
+
+
+class _CountingReader:
+    """A binary file for pydicom that refuses to go on after ``MAX_READS`` reads."""
+
+    def __init__(self, raw):
+        self._raw = raw
+        self.reads = 0
+        self.name = getattr(raw, "name", None)
+        self.seek, self.tell = raw.seek, raw.tell
+
+    def read(self, size: int = -1) -> bytes:
+        self.reads += 1
+        if self.reads > MAX_READS:
+            raise _TooManyElements
+        return self._raw.read(size)
+
+    @property
+    def exceeded(self) -> bool:
+        return self.reads > MAX_READS
 
 
 def supported_transfer_syntaxes() -> list[tuple[str, str]]:
@@ -75,28 +139,44 @@ def supported_transfer_syntaxes() -> list[tuple[str, str]]:
             if get_decoder(uid).is_available]
 
 
-def decode_dicom(data: bytes, info: dict | None = None,
-                 max_pixels: int | None = None, max_bytes: int | None = None) -> np.ndarray:
+def decode_dicom(source: str | os.PathLike | bytes, info: dict | None = None,
+                 max_pixels: int | None = None, max_bytes: int | None = None,
+                 reserve: Reserve | None = None) -> np.ndarray:
     """Render a DICOM file's pixels to a 2-D uint8 greyscale image.
 
-    ``info`` (optional) receives ``format='dicom'``, ``height``, ``width``,
-    ``chroma`` (colour files) and ``dicom`` (the :data:`FACT_KEYS`).
+    ``source`` is the file's path (read element by element, never whole) or its
+    bytes. ``info`` (optional) receives ``format='dicom'``, ``height``,
+    ``width``, ``chroma`` (colour files) and ``dicom`` (the :data:`FACT_KEYS`).
+    ``reserve`` (optional) is told, before parsing, before each inflate step of a
+    deflated dataset and before the pixels are decoded, how many bytes the
+    decode will hold at most from then on.
 
     Raises:
         DicomError: with a one-line reason naming what is missing or unsupported.
+        DecodeStop: whatever ``reserve`` raised.
     """
     try:
-        import pydicom
+        import pydicom  # noqa: F401
         from pydicom.errors import InvalidDicomError
     except ImportError:  # pragma: no cover - pydicom is a base dependency
         raise DicomError("DICOM support needs pydicom (pip install pydicom)") from None
 
+    reserve = reserve or (lambda total, what: None)
     ds = None
+    reader = None
     try:
-        ds = pydicom.dcmread(io.BytesIO(data))
-        return _render(ds, info, max_pixels, max_bytes, data)
+        with np.errstate(all="ignore"), _open(source) as raw:
+            size = _size(raw)
+            reserve(size + PARSE_BYTES, "DICOM dataset")
+            reader = _CountingReader(raw)
+            ds, base = _read(reader, size, reserve)
+            return _render(ds, info, max_pixels, max_bytes, source, base, reserve)
+    except DecodeStop:
+        raise
     except DicomError as exc:
         raise DicomError(_scrub(str(exc), ds)) from None
+    except _TooManyElements:
+        raise DicomError(_TOO_MANY) from None
     except InvalidDicomError as exc:
         raise DicomError(_scrub(f"not a valid DICOM dataset ({_first_line(exc)})", ds)) from None
     except MemoryError:
@@ -104,13 +184,76 @@ def decode_dicom(data: bytes, info: dict | None = None,
     except (KeyboardInterrupt, SystemExit, GeneratorExit):
         raise
     except BaseException as exc:  # many types for damaged files; the Rust RLE codec panics
+        if reader is not None and reader.exceeded:  # pydicom may have wrapped our exception
+            raise DicomError(_TOO_MANY) from None
         where = "pixel data" if ds is not None else "dataset"
         raise DicomError(_scrub(f"corrupt DICOM {where} ({type(exc).__name__}: "
                                 f"{_first_line(exc)})", ds)) from None
 
 
+def _open(source):
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        return io.BytesIO(source)
+    return open(source, "rb")
+
+
+def _size(raw) -> int:
+    here = raw.tell()
+    raw.seek(0, os.SEEK_END)
+    size = raw.tell()
+    raw.seek(here)
+    return size
+
+
+def _read(reader: _CountingReader, size: int, reserve: Reserve):
+    """The dataset, and the bytes its reading holds (file values, inflated data)."""
+    import pydicom
+    from pydicom.dataset import FileDataset
+    from pydicom.filereader import _read_file_meta_info, read_dataset, read_preamble
+    from pydicom.uid import DeflatedExplicitVRLittleEndian
+
+    preamble = read_preamble(reader, False)
+    meta = _read_file_meta_info(reader)
+    if meta.get("TransferSyntaxUID") != DeflatedExplicitVRLittleEndian:
+        reader.seek(0)
+        return pydicom.dcmread(reader), size
+    # pydicom would inflate the whole dataset at once; a few MB can inflate to
+    # gigabytes (a deflate bomb), so inflate in reserved steps up to a limit.
+    inflated = _inflate(reader.read(), size, reserve)
+    length = inflated.getbuffer().nbytes
+    body = _CountingReader(inflated)
+    body.reads = reader.reads
+    try:
+        dataset = read_dataset(body, False, True)
+    finally:
+        reader.reads = body.reads
+    ds = FileDataset(reader.name or "", dataset, preamble, meta, False, True)
+    return ds, size + 2 * length
+
+
+def _inflate(compressed: bytes, size: int, reserve: Reserve) -> io.BytesIO:
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    out = io.BytesIO()
+    view = memoryview(compressed)
+    for start in range(0, len(view), 1 << 20):  # input in 1 MiB slices: no big tail copies
+        pending = view[start:start + (1 << 20)]
+        while pending and not inflater.eof:
+            done = out.tell()
+            if done + _INFLATE_STEP > MAX_INFLATED_BYTES:
+                raise DicomError(f"deflated DICOM dataset inflates past "
+                                 f"{MAX_INFLATED_BYTES // 2**20} MiB: refused")
+            reserve(size + PARSE_BYTES + 2 * (done + _INFLATE_STEP),
+                    "deflated DICOM dataset")
+            out.write(inflater.decompress(pending, _INFLATE_STEP))
+            pending = inflater.unconsumed_tail
+        if inflater.eof:
+            break
+    out.seek(0)
+    return out
+
+
 def _render(ds, info: dict | None, max_pixels: int | None, max_bytes: int | None,
-            data: bytes) -> np.ndarray:
+            source, base: int, reserve: Reserve) -> np.ndarray:
     from pydicom.pixels import get_decoder
 
     meta = getattr(ds, "file_meta", None)
@@ -118,7 +261,7 @@ def _render(ds, info: dict | None, max_pixels: int | None, max_bytes: int | None
     if ts is None and "SOPClassUID" not in ds and "PixelData" not in ds:
         raise DicomError("no valid DICOM dataset after the DICM preamble")
     facts = _facts(ds, ts)
-    if "PixelData" not in ds and _PIXEL_DATA_TAG in data:  # the parser stopped inside it
+    if "PixelData" not in ds and _contains(source, _PIXEL_DATA_TAG):  # parser stopped inside it
         raise DicomError("truncated or corrupt DICOM pixel data (the file ends inside "
                          "the Pixel Data element)")
     if "PixelData" not in ds:
@@ -153,12 +296,28 @@ def _render(ds, info: dict | None, max_pixels: int | None, max_bytes: int | None
                          "is expected")
     if rows <= 0 or cols <= 0:
         raise DicomError(f"DICOM image of {cols}x{rows} px")
+    if photometric.startswith("MONOCHROME") and spp != 1:
+        raise DicomError(f"inconsistent DICOM header: photometric interpretation "
+                         f"{photometric} with {spp} samples per pixel (expected 1)")
     if max_pixels and rows * cols > max_pixels:
         raise DicomError(f"image too large ({cols}x{rows} px > {max_pixels // 1_000_000} "
                          "megapixels)")
-    if max_bytes and rows * cols * spp * max(1, bits_alloc // 8) * 4 > max_bytes:
+    raw = rows * cols * spp * max(1, -(-bits_alloc // 8))
+    if max_bytes and raw > max_bytes:
         raise DicomError(f"image too large to decode ({cols}x{rows} px, {spp} samples of "
                          f"{bits_alloc} bits)")
+    if str(ts) in _CODESTREAM_SYNTAXES:
+        _check_codestream(ds, ts, rows, cols, spp)
+    # Before decoding: what the pixels will hold at their peak. The file's values
+    # (base), the fragments joined to one frame, the decoder's array and its
+    # input or output copy (2 x raw), the 8-bit result and the padding mask, the
+    # strips of the display pipeline; colour adds pydicom's float32 YBR
+    # conversion and the RGB copies.
+    pixels = rows * cols
+    colour = 0 if photometric.startswith("MONOCHROME") else 16 * pixels
+    frame_copy = len(ds.PixelData) if ts.is_compressed else 0  # fragments joined to a frame
+    reserve(base + PARSE_BYTES + frame_copy + 2 * raw + 2 * pixels + colour + _STRIP_BYTES,
+            f"{cols}x{rows} px DICOM")
 
     arr = ds.pixel_array  # decoded; YBR is converted to RGB by pydicom
     if arr.ndim == 3 and spp == 1:
@@ -180,62 +339,145 @@ def _render(ds, info: dict | None, max_pixels: int | None, max_bytes: int | None
     return gray
 
 
+def _contains(source, needle: bytes) -> bool:
+    """Whether the file holds ``needle`` (searched in a memory map, not read into memory)."""
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        return needle in bytes(source)
+    try:
+        with open(source, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+            return mm.find(needle) >= 0
+    except (OSError, ValueError):
+        return False
+
+
+def _first_fragment(pixel_data: bytes, limit: int = 1 << 16) -> bytes:
+    """The start of the first frame's codestream: fragments after the Basic Offset Table."""
+    out = b""
+    i = 0
+    items = 0
+    while i + 8 <= len(pixel_data) and len(out) < limit:
+        tag, length = pixel_data[i:i + 4], int.from_bytes(pixel_data[i + 4:i + 8], "little")
+        if tag != b"\xfe\xff\x00\xe0" or length == 0xFFFFFFFF:
+            break
+        if items:  # item 0 is the Basic Offset Table
+            out += pixel_data[i + 8:i + 8 + min(length, limit - len(out))]
+        items += 1
+        i += 8 + length
+    return out
+
+
+def _check_codestream(ds, ts, rows: int, cols: int, spp: int) -> None:
+    """The codestream's own size must be the header's, checked before decoding it."""
+    stream = _first_fragment(ds.PixelData)
+    frame = codestream_frame(stream)
+    if frame is None:
+        raise DicomError(f"corrupt DICOM pixel data (no {ts.name} codestream header "
+                         "in the first fragment)")
+    if (frame.height, frame.width) != (rows, cols) or frame.components != spp:
+        raise DicomError(
+            f"corrupt DICOM pixel data: a {frame.width}x{frame.height} {frame.codec} "
+            f"codestream with {frame.components} component(s) where Rows/Columns say "
+            f"{cols}x{rows} with {spp} sample(s) per pixel")
+
+
+def _strips(rows: int, cols: int):
+    """Row slices of at most _STRIP_PIXELS pixels (at least one row)."""
+    step = max(1, _STRIP_PIXELS // max(1, cols))
+    return [slice(r, min(rows, r + step)) for r in range(0, rows, step)]
+
+
 def _monochrome(arr: np.ndarray, ds, photometric: str) -> np.ndarray:
-    """Stored values -> modality LUT -> VOI LUT -> 0..255, MONOCHROME1 inverted."""
+    """Stored values -> modality LUT -> VOI LUT -> 0..255, MONOCHROME1 inverted.
+
+    Computed a strip of rows at a time: the float32 arrays of each step never
+    hold more than _STRIP_PIXELS pixels, whatever the size of the image; the
+    statistics a step needs over the whole image are taken in a first pass.
+    """
+    if arr.ndim != 2:
+        raise DicomError(f"DICOM pixel data of shape {arr.shape} for a "
+                         f"{photometric} image (expected rows x columns)")
     pad = _padding_mask(arr, ds)
-    if "ModalityLUTSequence" in ds:
-        from pydicom.pixels import apply_modality_lut
-        x = np.asarray(apply_modality_lut(arr, ds), dtype=np.float32)
-    else:
-        slope = _float(ds.get("RescaleSlope", 1.0), 1.0) or 1.0
-        intercept = _float(ds.get("RescaleIntercept", 0.0), 0.0)
-        x = arr.astype(np.float32)
-        if slope != 1.0 or intercept != 0.0:
-            x = x * np.float32(slope) + np.float32(intercept)
-    y = _voi(x, ds, pad)
+    modality = _modality(ds)
+    voi = _voi(ds, arr, pad, modality)
     invert = photometric == "MONOCHROME1"
     if str(ds.get("PresentationLUTShape", "")).strip().upper() == "INVERSE":
         invert = not invert
-    if invert:
-        y = 1.0 - y
-    if pad is not None:
-        y[pad] = 0.0
-    return np.clip(y * 255.0 + 0.5, 0, 255).astype(np.uint8)
+    out = np.empty(arr.shape, np.uint8)
+    with np.errstate(all="ignore"):  # inf/NaN from extreme header values: no stderr lines
+        for rows in _strips(*arr.shape):
+            y = voi(modality(arr[rows]))
+            if invert:
+                y = 1.0 - y
+            if pad is not None:
+                y[pad[rows]] = 0.0
+            y = y * 255.0 + 0.5
+            np.nan_to_num(y, copy=False, nan=0.0)
+            out[rows] = np.clip(y, 0, 255).astype(np.uint8)
+    return out
 
 
-def _voi(x: np.ndarray, ds, pad: np.ndarray | None) -> np.ndarray:
-    """VOI transform to 0..1 (float32): LUT sequence, else window, else value range."""
+def _modality(ds):
+    """Stored values -> float32 values: the Modality LUT Sequence or Rescale Slope/Intercept."""
+    if "ModalityLUTSequence" in ds:
+        from pydicom.pixels import apply_modality_lut
+        return lambda a: np.asarray(apply_modality_lut(a, ds), dtype=np.float32)
+    slope = _float(ds.get("RescaleSlope", 1.0), 1.0) or 1.0
+    intercept = _float(ds.get("RescaleIntercept", 0.0), 0.0)
+    if slope == 1.0 and intercept == 0.0:
+        return lambda a: a.astype(np.float32)
+    s, i = np.float32(slope), np.float32(intercept)
+    return lambda a: a.astype(np.float32) * s + i
+
+
+def _value_range(arr: np.ndarray, pad: np.ndarray | None, modality) -> tuple[float, float] | None:
+    """(min, max) of the modality values over the image, padding left out; None if empty."""
+    lo, hi = np.inf, -np.inf
+    for rows in _strips(*arr.shape):
+        x = modality(arr[rows])
+        if pad is not None:
+            x = x[~pad[rows]]
+        if x.size:
+            lo, hi = min(lo, float(x.min())), max(hi, float(x.max()))
+    return None if lo > hi else (lo, hi)
+
+
+def _voi(ds, arr: np.ndarray, pad: np.ndarray | None, modality):
+    """The VOI transform to 0..1 (float32), for one strip at a time: LUT sequence,
+    else window, else the range of the values present."""
     if "VOILUTSequence" in ds and len(ds.VOILUTSequence):
         item = ds.VOILUTSequence[0]
         desc = [int(v) for v in item.LUTDescriptor]
         lut = _lut_data(item, desc)
         if lut is not None and lut.size:
             first = desc[1]
-            if first >= 2**15 and x.min() < 0:  # signed first-mapped value
-                first -= 2**16
-            idx = np.clip(np.rint(x) - first, 0, lut.size - 1).astype(np.intp)
+            if first >= 2**15:  # signed first-mapped value when the values go below 0
+                full = _value_range(arr, None, modality)
+                if full is not None and full[0] < 0:
+                    first -= 2**16
             top = float(lut.max()) if lut.max() > 0 else 1.0
             bits = desc[2] if 8 <= desc[2] <= 16 else int(np.ceil(np.log2(top + 1)))
-            return (lut[idx] / float(2**bits - 1)).astype(np.float32).clip(0, 1)
+
+            def lut_voi(x):
+                idx = np.clip(np.rint(x) - first, 0, lut.size - 1).astype(np.intp)
+                return (lut[idx] / float(2**bits - 1)).astype(np.float32).clip(0, 1)
+            return lut_voi
     centre = _first(ds.get("WindowCenter"))
     width = _first(ds.get("WindowWidth"))
     if centre is not None and width is not None and width >= 1:
         func = str(ds.get("VOILUTFunction", "LINEAR") or "LINEAR").strip().upper()
         c, w = np.float32(centre), np.float32(width)
         if func == "SIGMOID":
-            return (1.0 / (1.0 + np.exp(-4.0 * (x - c) / w))).astype(np.float32)
+            return lambda x: (1.0 / (1.0 + np.exp(-4.0 * (x - c) / w))).astype(np.float32)
         if func == "LINEAR_EXACT":
-            return np.clip((x - c) / w + 0.5, 0, 1).astype(np.float32)
+            return lambda x: np.clip((x - c) / w + 0.5, 0, 1).astype(np.float32)
         if w > 1:  # LINEAR (PS3.3 C.11.2.1.2.1)
-            return np.clip((x - (c - 0.5)) / (w - 1) + 0.5, 0, 1).astype(np.float32)
-        return (x >= c - 0.5).astype(np.float32)
-    values = x if pad is None else x[~pad]
-    if values.size == 0:
-        return np.zeros_like(x)
-    lo, hi = float(values.min()), float(values.max())
-    if hi <= lo:
-        return np.zeros_like(x)
-    return ((x - np.float32(lo)) * np.float32(1.0 / (hi - lo))).clip(0, 1)
+            return lambda x: np.clip((x - (c - 0.5)) / (w - 1) + 0.5, 0, 1).astype(np.float32)
+        return lambda x: (x >= c - 0.5).astype(np.float32)
+    found = _value_range(arr, pad, modality)
+    if found is None or found[1] <= found[0]:
+        return np.zeros_like
+    lo, scale = np.float32(found[0]), np.float32(1.0 / (found[1] - found[0]))
+    return lambda x: ((x - lo) * scale).clip(0, 1)
 
 
 def _lut_data(item, desc: list[int]) -> np.ndarray | None:
@@ -265,14 +507,23 @@ def _padding_mask(arr: np.ndarray, ds) -> np.ndarray | None:
 
 
 def _rgb_to_gray(rgb: np.ndarray) -> tuple[np.ndarray, float]:
+    """Luminance, a strip of rows at a time, and the chroma of an 8x subsample."""
     import cv2
 
+    if rgb.ndim != 3 or rgb.shape[2] != 3:
+        raise DicomError(f"DICOM colour pixel data of shape {rgb.shape} (expected rows x "
+                         "columns x 3)")
     if rgb.dtype != np.uint8:
         top = float(rgb.max()) or 1.0
-        rgb = (rgb.astype(np.float32) * (255.0 / top) + 0.5).astype(np.uint8)
-    small = rgb[::8, ::8].astype(np.int16)
+        to8 = lambda a: (a.astype(np.float32) * (255.0 / top) + 0.5).astype(np.uint8)  # noqa: E731
+    else:
+        to8 = lambda a: a  # noqa: E731
+    small = to8(rgb[::8, ::8]).astype(np.int16)
     chroma = float(np.mean(small.max(axis=2) - small.min(axis=2))) if small.size else 0.0
-    return cv2.cvtColor(np.ascontiguousarray(rgb), cv2.COLOR_RGB2GRAY), chroma
+    gray = np.empty(rgb.shape[:2], np.uint8)
+    for rows in _strips(*rgb.shape[:2]):
+        gray[rows] = cv2.cvtColor(np.ascontiguousarray(to8(rgb[rows])), cv2.COLOR_RGB2GRAY)
+    return gray, chroma
 
 
 def _facts(ds, ts) -> dict:
@@ -316,8 +567,9 @@ def _scrub(message: str, ds) -> str:
         for v in values:
             for part in sorted({str(v), *str(v).split("^")}, key=len, reverse=True):
                 part = part.strip()
-                if len(part) >= 3:
-                    message = message.replace(part, "[removed]")
+                if len(part) >= 3:  # parsers change case ("DOE^JOHN" quoted as "Doe")
+                    message = re.sub(re.escape(part), "[removed]", message,
+                                     flags=re.IGNORECASE)
     return message
 
 

@@ -75,10 +75,12 @@ def heatmap_name(index: int, path: str | os.PathLike) -> str:
 
 
 def write_overlay(out_path: str | os.PathLike, image: np.ndarray) -> None:
+    from .images import mark_own_png
+
     ok, buf = cv2.imencode(".png", image)
     if not ok:
         raise OSError(f"{out_path}: PNG encoding failed")
-    atomic_write(out_path, buf.tobytes())
+    atomic_write(out_path, mark_own_png(buf.tobytes()))  # a later folder walk skips it
 
 
 def cam_mass_in_box(cam: np.ndarray, box: tuple[float, float, float, float] = (0.15, 0.1, 0.85, 0.9)

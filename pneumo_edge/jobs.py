@@ -112,12 +112,14 @@ def predict_job(paths: Sequence[Path], *, model: Path | None = None, report: boo
             failed (earlier report files are left as they were).
         Interrupted: Ctrl-C.
     """
-    from .images import collect_labelled
+    from .images import discover
 
     try:
-        items = collect_labelled(paths)
+        found = discover(paths)
     except FileNotFoundError as exc:
         raise UsageError(str(exc)) from None
+    items = found.items
+    own = [(found.note, "")] if found.note else []  # own heatmaps skipped by the walk
     if not items:
         raise UsageError(f"no image files found in {', '.join(map(str, paths))}")
     files, truths = [i[0] for i in items], [i[1] for i in items]
@@ -134,7 +136,7 @@ def predict_job(paths: Sequence[Path], *, model: Path | None = None, report: boo
             _checked_folder(flag, folder)
     model_path = resolve_model(model)
     if engine == Engine.ray.value:
-        return _predict_ray(model_path, files, truths, out, report=report, say=say,
+        return _predict_ray(model_path, files, truths, out, report=report, say=say, notes=own,
                             progress=progress, batch_size=batch_size, threads=threads,
                             threshold=threshold, flagged_as=flagged_as, actors=actors,
                             address=ray_address, decode=ray_decode, resume=resume,
@@ -164,7 +166,7 @@ def predict_job(paths: Sequence[Path], *, model: Path | None = None, report: boo
         except KeyboardInterrupt:
             raise Interrupted("interrupted; nothing written for this run") from None
         written = {} if out is None else _write_outputs(run, out, report)
-    notes = []
+    notes = list(own)
     if run.heatmaps:
         notes.append((f"wrote {len(run.heatmaps)} heatmaps to {heatmaps}", ""))
     return PredictOutcome(run, written, notes)
@@ -183,7 +185,8 @@ def _write_outputs(run, out: Path, report: bool, csv_data=None, kept_in: str = "
 
 
 def _predict_ray(model_path: Path, files, truths, out: Path, *, report: bool, parquet: bool,
-                 say, progress: Progress, **kwargs) -> PredictOutcome:
+                 say, progress: Progress, notes: list[tuple[str, str]],
+                 **kwargs) -> PredictOutcome:
     """--engine ray: the same outputs as the local engine, via pneumo_edge.scale."""
     from .runtime import ModelError
     from .scale import JOURNAL, RayUnavailable, journal_csv_writer, predict_ray, write_parquet
@@ -210,7 +213,7 @@ def _predict_ray(model_path: Path, files, truths, out: Path, *, report: bool, pa
                                  f"({exc.strerror or exc}){kept_in}") from None
         written = _write_outputs(run, out, report,
                                  journal_csv_writer(journal) if omitted else None, kept_in)
-    notes = []
+    notes = list(notes)
     if parquet or omitted:
         written["parquet"] = out / "predictions.parquet"
     if omitted:

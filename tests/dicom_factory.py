@@ -180,3 +180,155 @@ def write_no_pixels(path: Path) -> Path:
     ds = base_dataset(ExplicitVRLittleEndian, sop_class=SR_STORAGE, view=None, modality="SR")
     ds.save_as(path, enforce_file_format=True)
     return path
+
+
+# --------------------------------------------------------------------------- hostile files
+# Built in the tests, never committed: each declares far more than it stores.
+
+
+def _file_bytes(meta_ts: str, body: bytes, sop_class: str = CR_STORAGE) -> bytes:
+    """Preamble, DICM and a file meta group for ``meta_ts``, then ``body`` as it is."""
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filewriter import write_file_meta_info
+    from pydicom.uid import generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = sop_class
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = meta_ts
+    buf = DicomBytesIO()
+    buf.is_little_endian, buf.is_implicit_VR = True, False
+    write_file_meta_info(buf, meta, enforce_standard=True)
+    return b"\x00" * 128 + b"DICM" + buf.getvalue() + body
+
+
+def dataset_bytes(ds) -> bytes:
+    """A dataset encoded as Explicit VR Little Endian, without preamble or file meta."""
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filewriter import write_dataset
+
+    buf = DicomBytesIO()
+    buf.is_little_endian, buf.is_implicit_VR = True, False
+    write_dataset(buf, ds)
+    return buf.getvalue()
+
+
+def write_deflated(path: Path, gray: np.ndarray, zeros: int = 0) -> Path:
+    """A Deflated Explicit VR Little Endian DICOM of ``gray``; with ``zeros`` > 0 a
+    private OB element of that many zero bytes comes first (a deflate bomb: the
+    file stays about zeros / 1000 bytes, built without ever holding the zeros)."""
+    import struct
+    import zlib
+
+    from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian
+
+    ds = base_dataset(ExplicitVRLittleEndian)
+    _pixels(ds, gray, "MONOCHROME2", 8)
+    body = dataset_bytes(ds)
+
+    def deflate(data: bytes, final: bool) -> bytes:
+        c = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
+        return c.compress(data) + c.flush(zlib.Z_FINISH if final else zlib.Z_FULL_FLUSH)
+
+    parts = []
+    if zeros:
+        creator = b"BOMB"
+        head = (struct.pack("<HH2sH", 0x0009, 0x0010, b"LO", len(creator)) + creator
+                + struct.pack("<HH2sHI", 0x0009, 0x1000, b"OB", 0, zeros))
+        parts.append(deflate(head, False))
+        step = 1 << 20
+        block = deflate(b"\0" * step, False)  # byte-aligned, independent: repeatable
+        parts.extend([block] * (zeros // step))
+        parts.append(deflate(b"\0" * (zeros % step), False))
+    parts.append(deflate(body, True))
+    path.write_bytes(_file_bytes(DeflatedExplicitVRLittleEndian, b"".join(parts)))
+    return path
+
+
+def _element(group: int, elem: int, vr: bytes, value: bytes) -> bytes:
+    import struct
+
+    if vr in (b"OB", b"OW", b"UN", b"SQ", b"UT"):
+        return struct.pack("<HH2sHI", group, elem, vr, 0, len(value)) + value
+    return struct.pack("<HH2sH", group, elem, vr, len(value)) + value
+
+
+def image_elements(rows: int, cols: int, photometric: str = "MONOCHROME2", spp: int = 1,
+                   bits: int = 8) -> bytes:
+    """The image pixel module's elements (0028,xxxx), Explicit VR Little Endian."""
+    import struct
+
+    us = lambda v: struct.pack("<H", v)  # noqa: E731
+    pi = photometric.encode()
+    pi += b" " * (len(pi) % 2)
+    out = _element(0x0028, 0x0002, b"US", us(spp)) + _element(0x0028, 0x0004, b"CS", pi)
+    if spp > 1:
+        out += _element(0x0028, 0x0006, b"US", us(0))
+    return out + b"".join(_element(0x0028, e, b"US", us(v)) for e, v in (
+        (0x0010, rows), (0x0011, cols), (0x0100, bits), (0x0101, bits), (0x0102, bits - 1),
+        (0x0103, 0)))
+
+
+def _header_elements() -> bytes:
+    """SOP class, modality and patient name: enough for a valid image header."""
+    name = PATIENT_NAME.encode()
+    name += b" " * (len(name) % 2)
+    return (_element(0x0008, 0x0016, b"UI", CR_STORAGE.encode() + b"\0")
+            + _element(0x0008, 0x0060, b"CS", b"CR")
+            + _element(0x0010, 0x0010, b"PN", name))
+
+
+def encapsulated(fragments: list[bytes]) -> bytes:
+    """Pixel Data (7FE0,0010) of undefined length: empty offset table, the fragments."""
+    import struct
+
+    items = struct.pack("<HHI", 0xFFFE, 0xE000, 0)
+    for frag in fragments:
+        frag += b"\0" * (len(frag) % 2)
+        items += struct.pack("<HHI", 0xFFFE, 0xE000, len(frag)) + frag
+    items += struct.pack("<HHI", 0xFFFE, 0xE0DD, 0)
+    return struct.pack("<HH2sHI", 0x7FE0, 0x0010, b"OB", 0, 0xFFFFFFFF) + items
+
+
+def write_encapsulated(path: Path, ts: str, fragments: list[bytes], rows: int, cols: int,
+                       photometric: str = "MONOCHROME2", spp: int = 1, bits: int = 8) -> Path:
+    """A DICOM whose Rows/Columns say one size and whose fragments hold anything."""
+    body = (_header_elements() + image_elements(rows, cols, photometric, spp, bits)
+            + encapsulated(fragments))
+    path.write_bytes(_file_bytes(ts, body))
+    return path
+
+
+def rle_constant(rows: int, cols: int, value: int = 0) -> bytes:
+    """One RLE Lossless fragment of an 8-bit image of one value: about 1/64 of its size."""
+    import struct
+
+    n = rows * cols
+    runs = b"\x81" + bytes([value])  # -127: repeat the next byte 128 times
+    data = runs * (n // 128)
+    if n % 128:
+        data += bytes([257 - n % 128, value])
+    return struct.pack("<16I", 1, 64, *([0] * 14)) + data
+
+
+def write_native(path: Path, pixel_bytes: bytes, rows: int, cols: int,
+                 photometric: str = "MONOCHROME2", spp: int = 1, bits: int = 8,
+                 extra: bytes = b"") -> Path:
+    """Explicit VR Little Endian with the given pixel bytes (and elements before them)."""
+    from pydicom.uid import ExplicitVRLittleEndian
+
+    body = (_header_elements() + extra + image_elements(rows, cols, photometric, spp, bits)
+            + _element(0x7FE0, 0x0010, b"OB" if bits == 8 else b"OW", pixel_bytes))
+    path.write_bytes(_file_bytes(ExplicitVRLittleEndian, body))
+    return path
+
+
+def many_elements(n: int) -> bytes:
+    """``n`` empty private elements (8 bytes each), in tag order, in groups 0009-00FF."""
+    per_group = 0xF000
+    groups = np.repeat(np.arange(0x0009, 0x0101, 2, dtype="<u2"), per_group)[:n]
+    elems = np.tile(np.arange(0x1000, 0x1000 + per_group, dtype="<u2"), len(groups) // per_group + 1)[:n]
+    rec = np.zeros(n, dtype=[("g", "<u2"), ("e", "<u2"), ("vr", "S2"), ("len", "<u2")])
+    rec["g"], rec["e"], rec["vr"] = groups, elems, b"LO"
+    return rec.tobytes()
