@@ -154,9 +154,12 @@ def predict_job(paths: Sequence[Path], *, model: Path | None = None, report: boo
              "(re-export the model to add it)")
     say(f"model: {model_path} ({loaded.precision}, {loaded.provider})")
     heatmap_dir = heatmaps if loaded.has_cam else None
+    from .native_stderr import quiet_decoder_lines
+
     with _locked(out, heatmap_dir):
         try:
-            with progress(len(files), "predicting") as bar:
+            # each bad file gets its own one-line reason: the image libraries' lines go
+            with quiet_decoder_lines(), progress(len(files), "predicting") as bar:
                 run = predict.predict_paths(loaded, files, batch_size=batch_size,
                                             workers=workers, threshold=threshold,
                                             truths=truths, flagged_as=flagged_as,

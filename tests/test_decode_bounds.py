@@ -367,3 +367,26 @@ def test_extreme_dicom_values_leave_no_numpy_lines_on_stderr(tmp_path, capfd):
     out = decode_gray(tmp_path / "extreme.dcm")
     assert out.dtype == np.uint8 and out.shape == (64, 64)
     assert capfd.readouterr().err == ""
+
+
+def test_image_library_lines_are_dropped_from_stderr_and_others_kept(tmp_path, capfd):
+    import os
+
+    from pneumo_edge.native_stderr import quiet_decoder_lines
+
+    rng = np.random.default_rng(9)
+    good = cv2.imencode(".jpg", (rng.random((200, 256)) * 255).astype(np.uint8))[1].tobytes()
+    premature = tmp_path / "premature.jpg"  # entropy data ends early: libjpeg warns, decodes
+    premature.write_bytes(good[:len(good) // 2] + b"\xff\xd9")
+    png = cv2.imencode(".png", np.zeros((64, 64), np.uint8))[1].tobytes()
+    broken = tmp_path / "broken.png"  # chunks after the first garbled: libpng errors out
+    broken.write_bytes(png[:40] + b"\x00\x01\x02\x03" * 8 + png[-12:])
+    capfd.readouterr()
+    with quiet_decoder_lines():
+        decode_gray(premature)
+        with pytest.raises(ImageDecodeError):
+            decode_gray(broken)
+        os.write(2, b"a line of our own\n")
+    assert capfd.readouterr().err == "a line of our own\n"
+    decode_gray(premature)  # without it, libjpeg's line reaches the terminal
+    assert "Corrupt JPEG data" in capfd.readouterr().err
