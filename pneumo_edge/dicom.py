@@ -124,6 +124,10 @@ class _CountingReader:
             raise _TooManyElements
         return self._raw.read(size)
 
+    def readinto(self, buffer) -> int:
+        self.reads += 1
+        return self._raw.readinto(buffer)
+
     @property
     def exceeded(self) -> bool:
         return self.reads > MAX_READS
@@ -219,7 +223,10 @@ def _read(reader: _CountingReader, size: int, reserve: Reserve):
         return pydicom.dcmread(reader), size
     # pydicom would inflate the whole dataset at once; a few MB can inflate to
     # gigabytes (a deflate bomb), so inflate in reserved steps up to a limit.
-    inflated = _inflate(reader.read(), size, reserve)
+    compressed = bytearray(max(0, size - reader.tell()))  # one buffer (read() may join two)
+    del compressed[reader.readinto(compressed):]
+    inflated = _inflate(compressed, size, reserve)
+    del compressed
     length = inflated.getbuffer().nbytes
     body = _CountingReader(inflated)
     body.reads = reader.reads
@@ -231,7 +238,7 @@ def _read(reader: _CountingReader, size: int, reserve: Reserve):
     return ds, size + 2 * length
 
 
-def _inflate(compressed: bytes, size: int, reserve: Reserve) -> io.BytesIO:
+def _inflate(compressed: bytearray, size: int, reserve: Reserve) -> io.BytesIO:
     inflater = zlib.decompressobj(-zlib.MAX_WBITS)
     out = io.BytesIO()
     view = memoryview(compressed)

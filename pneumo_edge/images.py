@@ -75,6 +75,14 @@ DECODE_BUDGET = MAX_FILE_BYTES + MAX_DECODED_BYTES
 #: caller then holds at most this much per decoding thread.
 BIG_BYTES = 64 * 1024 * 1024
 
+#: Per decode, besides the estimate's image-sized terms: the JPEG scan check's
+#: windows, the libraries' row and zlib buffers, header copies (measured at most
+#: 16 MiB in benchmarks/decode_memory.py).
+_DECODER_SLACK = 24 * 1024 * 1024
+#: OpenCV's imdecode decodes into a Mat and copies it into the returned array:
+#: its output counts twice.
+_IMDECODE_COPIES = 2
+
 _REDUCED_FLAGS = {2: cv2.IMREAD_REDUCED_GRAYSCALE_2, 4: cv2.IMREAD_REDUCED_GRAYSCALE_4,
                   8: cv2.IMREAD_REDUCED_GRAYSCALE_8}
 #: Own outputs: heatmap PNGs carry this tEXt chunk right after IHDR, so that a
@@ -428,7 +436,7 @@ def _decode(path: Path, size_bytes: int, target: int | None, hold: _Hold) -> _De
                     "not a supported image (expected JPEG, PNG, BMP, TIFF or DICOM content)")
             if fmt == "dicom":
                 return _decode_dicom(path, size_bytes, target, hold)
-            blob = head + fh.read()
+            blob = _read_all(fh, size_bytes)
     except OSError as exc:
         raise ImageDecodeError(f"cannot read file: {exc.strerror or exc}") from None
     data = np.frombuffer(blob, np.uint8)
@@ -437,6 +445,16 @@ def _decode(path: Path, size_bytes: int, target: int | None, hold: _Hold) -> _De
     chroma = _chroma(data, fmt) if out.colour else None
     out.info.update(format=fmt, chroma=chroma)
     return out
+
+
+def _read_all(fh, size: int) -> bytearray:
+    """The whole file in one buffer of its size (``read()`` after a peek joins two copies)."""
+    fh.seek(0)
+    blob = bytearray(size)
+    n = fh.readinto(blob)
+    if n < size:  # the file shrank since stat
+        del blob[n:]
+    return blob
 
 
 def _check_size(dims: tuple[int, int], samples: int) -> None:
@@ -474,8 +492,8 @@ def _decode_jpeg(blob: bytes, data: np.ndarray, target: int | None, hold: _Hold)
     coefficients = frame.blocks * 128 if frame.progressive or scans > 1 else 0
     small_colour = 3 * -(-frame.height // 8) * -(-frame.width // 8) if colour else 0
     kind = "progressive JPEG" if frame.progressive else "JPEG"
-    hold.need(len(blob) + out + coefficients + small_colour,
-              f"{frame.width}x{frame.height} px {kind}")
+    hold.need(len(blob) + _IMDECODE_COPIES * (out + small_colour) + coefficients
+              + _DECODER_SLACK, f"{frame.width}x{frame.height} px {kind}")
     flags = _REDUCED_FLAGS[factor] if factor > 1 else cv2.IMREAD_GRAYSCALE
     return _Decoded(_imdecode(data, flags, "jpeg"), dims, colour)
 
@@ -493,9 +511,10 @@ def _decode_png(blob: bytes, data: np.ndarray, target: int | None, hold: _Hold) 
     samples = h * w * max(1, depth // 8) * _PNG_CHANNELS.get(colour_type, 4)
     _check_size((h, w), samples)
     colour = colour_type in (2, 3, 6)  # RGB, palette, RGBA
-    # samples, the 8-bit result, and for colour files the full-size colour decode
-    # OpenCV makes before shrinking it for the chroma measurement
-    hold.need(len(blob) + samples + h * w + (3 * h * w if colour else 0), f"{w}x{h} px PNG")
+    # samples (decoded and copied), the 8-bit result, and for colour files the
+    # full-size colour decode OpenCV makes before shrinking it for the chroma measurement
+    hold.need(len(blob) + _IMDECODE_COPIES * samples + h * w + (3 * h * w if colour else 0)
+              + _DECODER_SLACK, f"{w}x{h} px PNG")
     return _Decoded(_imdecode(data, cv2.IMREAD_GRAYSCALE | cv2.IMREAD_ANYDEPTH, "png"),
                     (h, w), colour)
 
@@ -534,10 +553,10 @@ def _decode_tiff(blob: bytes, data: np.ndarray, target: int | None, hold: _Hold)
     h, w, bytes_per_pixel, colour = header
     samples = h * w * bytes_per_pixel
     _check_size((h, w), samples)
-    # samples (twice: libtiff's strip buffer and OpenCV's own), the 8-bit result,
-    # and for colour files the colour decode of the chroma measurement
-    hold.need(len(blob) + 2 * samples + h * w + (samples + 3 * h * w if colour else 0),
-              f"{w}x{h} px TIFF")
+    # samples (decoded and copied), the 8-bit result, and for colour files the
+    # colour decode of the chroma measurement
+    hold.need(len(blob) + _IMDECODE_COPIES * samples + h * w
+              + (samples + 3 * h * w if colour else 0) + _DECODER_SLACK, f"{w}x{h} px TIFF")
     return _Decoded(_imdecode(data, cv2.IMREAD_GRAYSCALE | cv2.IMREAD_ANYDEPTH, "tiff"),
                     (h, w), colour)
 
@@ -548,7 +567,8 @@ def _decode_bmp(blob: bytes, data: np.ndarray, target: int | None, hold: _Hold) 
     w, h = struct.unpack("<ii", blob[18:26])
     h, w = abs(h), abs(w)
     _check_size((h, w), h * w * 4)
-    hold.need(len(blob) + 4 * h * w + h * w + 3 * h * w, f"{w}x{h} px BMP")
+    hold.need(len(blob) + _IMDECODE_COPIES * 4 * h * w + h * w + 3 * h * w + _DECODER_SLACK,
+              f"{w}x{h} px BMP")
     return _Decoded(_imdecode(data, cv2.IMREAD_GRAYSCALE | cv2.IMREAD_ANYDEPTH, "bmp"),
                     (h, w), True)
 

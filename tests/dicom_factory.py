@@ -328,7 +328,8 @@ def many_elements(n: int) -> bytes:
     """``n`` empty private elements (8 bytes each), in tag order, in groups 0009-00FF."""
     per_group = 0xF000
     groups = np.repeat(np.arange(0x0009, 0x0101, 2, dtype="<u2"), per_group)[:n]
-    elems = np.tile(np.arange(0x1000, 0x1000 + per_group, dtype="<u2"), len(groups) // per_group + 1)[:n]
+    elems = np.tile(np.arange(0x1000, 0x1000 + per_group, dtype="<u2"),
+                    len(groups) // per_group + 1)[:n]
     rec = np.zeros(n, dtype=[("g", "<u2"), ("e", "<u2"), ("vr", "S2"), ("len", "<u2")])
     rec["g"], rec["e"], rec["vr"] = groups, elems, b"LO"
     return rec.tobytes()

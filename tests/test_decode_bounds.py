@@ -311,7 +311,8 @@ def test_own_heatmaps_are_skipped_with_a_note(tmp_path):
     found = discover([root])
     assert [p.name for p, _ in found.items] == ["a.jpeg", "plain.png"]
     assert [p.name for p in found.skipped_own] == ["000000_a.png"]
-    assert found.note == "skipped 1 file pneumo-edge wrote itself (heatmap overlays) in the input folders"
+    assert found.note == ("skipped 1 file pneumo-edge wrote itself (heatmap overlays) "
+                          "in the input folders")
     # a heatmap named explicitly is still read, and it is a valid PNG
     assert discover([root / "heat" / "000000_a.png"]).items
     assert decode_gray(root / "heat" / "000000_a.png").shape == (40, 30)
