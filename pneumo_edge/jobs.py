@@ -121,7 +121,8 @@ def predict_job(paths: Sequence[Path], *, model: Path | None = None, report: boo
     items = found.items
     own = [(found.note, "")] if found.note else []  # own heatmaps skipped by the walk
     if not items:
-        raise UsageError(f"no image files found in {', '.join(map(str, paths))}")
+        raise UsageError(f"no image files found in {', '.join(map(str, paths))}"
+                         + (f" ({found.note})" if found.note else ""))
     files, truths = [i[0] for i in items], [i[1] for i in items]
     if engine == Engine.local.value:
         for flag, given in (("--resume", resume), ("--parquet", parquet)):
