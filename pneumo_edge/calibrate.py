@@ -36,7 +36,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -967,7 +967,7 @@ def _adapted_metadata(model: Path, proto, new, meta, site: SiteData, fit: HeadFi
     """The new file's metadata (the parent's, with the new threshold, OOD block and a
     ``site_adaptation`` block) and that block."""
     y = site.labels
-    raw = dict(meta.raw)
+    raw = meta.to_dict()
     if ood_fit is not None:
         raw["ood"] = {
             "kind": "mahalanobis", "output": "ood", "threshold": round(ood_fit.threshold, 4),

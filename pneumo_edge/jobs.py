@@ -10,7 +10,6 @@ takes the number of files done.
 
 from __future__ import annotations
 
-import os
 from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path

@@ -161,11 +161,6 @@ class ModelMetadata:
     def ood_threshold(self) -> float | None:
         return None if self.ood is None else float(self.ood["threshold"])
 
-    @property
-    def raw(self) -> dict[str, Any]:
-        """The JSON object as stored: :meth:`to_dict` (it round-trips exactly)."""
-        return self.to_dict()
-
     def to_dict(self) -> dict[str, Any]:
         """The JSON object stored in the model (contract keys first, then provenance)."""
         d: dict[str, Any] = {"schema": self.schema, "input_name": self.input_name,

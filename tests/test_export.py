@@ -238,6 +238,9 @@ def test_robustness_suite_in_metadata(exported):
     assert set(int8["agreement_with_fp32"]) == set(rows)
     assert int8["min_agreement_with_fp32"] == min(int8["agreement_with_fp32"].values())
     assert meta["int8"]["calibration"]["shifted"] is True
+    # the probability calibration survives in the INT8 file beside its quantisation record
+    assert meta["int8"]["probability_calibration"] == meta["fp32"]["calibration"]
+    assert meta["fp32"]["probability_calibration"]["temperature"] > 0
     clean = meta["fp32"]["robustness"]["rows"][0]
     assert clean["auc"] == pytest.approx(meta["fp32"]["val_metrics"]["auc"], abs=1e-9)
 

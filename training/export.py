@@ -551,6 +551,9 @@ def _metadata(src: _Source, cfg: PreprocessConfig, precision: str, result: Preci
                    "label_agreement": result.label_agreement},
         "training": run.recipe if run else {},
         "calibration": run.val.calibration if run else None,
+        # the Platt fit folded into the output layer; kept in every precision, since
+        # an INT8 file's "calibration" is its quantisation record
+        "probability_calibration": run.val.calibration if run else None,
         **({"ensemble": run.config["ensemble"]} if run and run.config.get("ensemble") else {}),
         "opset": opset,
         "versions": {"export": environment(), "training": run.config.get("versions") if run

@@ -81,7 +81,7 @@ def file_config(path: str | Path) -> dict:
         raise InitFromError(f"--init-from {path}: a {meta.precision} file; training starts "
                             "from the FP32 file's weights (quantised or half weights would "
                             "not reproduce it)")
-    arch = str(meta.raw.get("arch", ""))
+    arch = str(meta.provenance.get("arch", ""))
     if arch not in PLAIN_RESNETS:
         raise InitFromError(f"--init-from {path}: arch {arch!r}; training starts from the plain "
                             f"ResNets only ({', '.join(PLAIN_RESNETS)})")

@@ -21,7 +21,6 @@ selection or calibration.
 from __future__ import annotations
 
 import argparse
-import json
 import subprocess
 import sys
 from dataclasses import asdict, dataclass
@@ -30,6 +29,8 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+
+from pneumo_edge.io import write_json
 
 from pneumo_edge.lung import FRAME, SEG, seg_input
 
@@ -194,7 +195,7 @@ def build(mirror: Path, out: Path, held_out: float = 0.15, seed: int = 0) -> dic
                     "split: used for the segmenter only",
             "sources": record, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "command": "python -m training.lung_data " + " ".join(sys.argv[1:])}
-    out.with_suffix(".json").write_text(json.dumps(meta, indent=2) + "\n")
+    write_json(out.with_suffix(".json"), meta)
     return meta
 
 

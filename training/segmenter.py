@@ -18,6 +18,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from pneumo_edge.io import write_json
+
 SEG_SIZE = 96
 
 
@@ -235,7 +237,7 @@ def train(pairs: Path, out: Path, epochs: int = 20, batch: int = 32, lr: float =
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "versions": {"tensorflow": _version("tensorflow"), "keras": keras.__version__},
     }
-    out.with_suffix(".json").write_text(json.dumps(record, indent=2) + "\n")
+    write_json(out.with_suffix(".json"), record)
     return record
 
 
