@@ -107,7 +107,8 @@ def render_train_result(result) -> None:
     table = Table(title="training finished", show_header=False)
     for key, value in [
         ("devices", ", ".join(result.devices)),
-        ("images train / val", f"{result.n_train} / {result.n_val} (split by patient)"),
+        ("images train / val", f"{result.n_train} / {result.n_val} "
+                               f"({result.split} split, by patient)"),
         ("best epoch", f"{result.best_epoch} of {result.epochs_run}"),
         ("val AUC", f"{m['auc']:.4f}"),
         ("sensitivity", f"{m['recall']:.4f}"),

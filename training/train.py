@@ -191,6 +191,7 @@ class TrainResult:
     no_patient_files: int
     #: a worker that is not the chief of a multi-worker run: where the results are
     worker_note: str = ""
+    split: str = "patient"   # TrainConfig.split
 
 
 class TrainInterrupted(RuntimeError):
@@ -664,7 +665,7 @@ def train(cfg: TrainConfig, *, resume: bool = False,
     plot_curves(history_csv, run_dir / "curves.png")
     return TrainResult(run_dir, best_epoch, len(rows), val["metrics"], val["threshold"],
                        val["threshold_rule"], devices, val["train_seconds"], len(train_s),
-                       len(val_s), no_patient)
+                       len(val_s), no_patient, split=cfg.split)
 
 
 def validation_inputs(val_s: list, pre: PreprocessConfig):
