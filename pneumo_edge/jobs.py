@@ -113,6 +113,8 @@ def predict_job(paths: Sequence[Path], *, model: Path | None = None, report: boo
     """
     from .images import discover
 
+    _check_bounds(batch_size=batch_size, workers=workers, threads=threads, actors=actors,
+                  report_limit=report_limit)
     try:
         found = discover(paths)
     except FileNotFoundError as exc:
@@ -351,16 +353,30 @@ def parse_batch_sizes(text: str) -> list[int]:
     """``"1,8,32"`` -> [1, 8, 32].
 
     Raises:
-        UsageError: not a list of positive integers.
+        UsageError: not a list of integers in predict's --batch-size range.
     """
     try:
         sizes = [int(b) for b in text.split(",") if b.strip()]
-        if not sizes or min(sizes) < 1:
+        if not sizes or min(sizes) < o.BATCH_SIZE.lo or max(sizes) > o.BATCH_SIZE.hi:
             raise ValueError
     except ValueError:
-        raise UsageError(f"--batch-sizes must be positive integers like "
-                         f"{','.join(map(str, BENCH_BATCH_SIZES))}, got {text!r}") from None
+        raise UsageError(f"--batch-sizes must be integers in {o.BATCH_SIZE.lo}.."
+                         f"{o.BATCH_SIZE.hi} like {','.join(map(str, BENCH_BATCH_SIZES))}, "
+                         f"got {text!r}") from None
     return sizes
+
+
+def _check_bounds(**values) -> None:
+    """The options' ranges (:mod:`pneumo_edge.options`), for library callers too.
+
+    Raises:
+        UsageError: the first value out of its range, naming its option.
+    """
+    for name, value in values.items():
+        try:
+            getattr(o, name.upper()).check(name, value)
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
 
 
 def benchmark_job(models: Sequence[Path], *, data: Path | None = None,
@@ -384,6 +400,7 @@ def benchmark_job(models: Sequence[Path], *, data: Path | None = None,
     from .runtime import ModelError
 
     sizes = parse_batch_sizes(batch_sizes)
+    _check_bounds(threads=threads)
     paths = list(models) or [resolve_model(None)]
     if data is not None and not data.exists():
         raise UsageError(f"{data}: no such file or folder")

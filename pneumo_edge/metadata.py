@@ -266,11 +266,35 @@ def parse(custom_metadata: Mapping[str, str]) -> ModelMetadata:
         raise MetadataError(
             f"no '{METADATA_KEY}' metadata in this ONNX file; pneumo-edge does not guess "
             "preprocessing or threshold. Export models with `pneumo-edge export`.")
+    too_deep = MetadataError(f"'{METADATA_KEY}' metadata is nested more than {MAX_DEPTH} "
+                             "levels deep; refusing it")
     try:
         meta = json.loads(raw, parse_constant=_reject_constant)
+    except RecursionError:
+        raise too_deep from None
     except (json.JSONDecodeError, ValueError) as exc:
         raise MetadataError(f"'{METADATA_KEY}' metadata is not valid JSON ({exc})") from None
+    if _depth(meta) > MAX_DEPTH:
+        # every report writes the metadata back, recursively: refuse it here, once
+        raise too_deep
     return validate(meta)
+
+
+#: Nesting allowed in the metadata JSON (the release files use 5 levels).
+MAX_DEPTH = 32
+
+
+def _depth(obj) -> int:
+    """How deeply ``obj`` nests lists and objects, counted without recursion."""
+    deepest, stack = 0, [(obj, 1)]
+    while stack:
+        item, level = stack.pop()
+        if isinstance(item, (dict, list)):
+            deepest = max(deepest, level)
+            if level <= MAX_DEPTH:
+                stack.extend((v, level + 1) for v in
+                             (item.values() if isinstance(item, dict) else item))
+    return deepest
 
 
 def finite_json(obj):

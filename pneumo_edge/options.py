@@ -83,8 +83,10 @@ def described(texts: dict[str, str], defaults: dict, choices: dict | None = None
 
 #: Images per model run (a batch of 1024 180-px images is 400 MB of input).
 BATCH_SIZE = Bound(8, 1, 1024)
-#: Decoding threads (default: CPU count, at most 8).
-WORKERS = Bound(None, 1, 256)
+#: Decoding threads (default: CPU count, at most 8). Each may hold one decoded image of up
+#: to 64 MiB (larger decodes take a process-wide lock), so this caps that term of the
+#: memory bound at 64 x 64 MiB.
+WORKERS = Bound(None, 1, 64)
 #: onnxruntime intra-op threads (default: physical cores).
 THREADS = Bound(None, 1, 1024)
 #: Ray model actors (one onnxruntime session each).

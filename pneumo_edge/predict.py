@@ -20,7 +20,7 @@ import numpy as np
 from .images import ImageDecodeError, decode_gray, label_from_path
 from .lung import NO_LUNG_FIELD, lung_field_issue
 from .metrics import BinaryMetrics, binary_metrics, latency_summary
-from .options import BATCH_SIZE, FlaggedAs, choices
+from .options import BATCH_SIZE, WORKERS, FlaggedAs, choices
 from .preprocess import PreprocessConfig, resize_gray, to_model_input
 from .quality import input_warnings
 from .records import FLAG_PREFIX, Failure, Prediction
@@ -160,6 +160,8 @@ def predict_paths(model: PneumoModel, files: Sequence[Path], *,
     """
     if flagged_as not in FLAGGED_AS:
         raise ValueError(f"flagged_as must be one of {', '.join(FLAGGED_AS)}")
+    BATCH_SIZE.check("batch_size", batch_size)
+    WORKERS.check("workers", workers)
     thr = model.threshold if threshold is None else float(threshold)
     ood_thr = model.ood_threshold
     workers = workers or min(8, os.cpu_count() or 2)

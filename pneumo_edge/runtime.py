@@ -22,6 +22,10 @@ DEVICES = choices(Device)
 #: How far a probability may stray outside [0, 1] by float rounding before the
 #: model is refused (it is then clipped).
 PROB_TOLERANCE = 1e-5
+#: The shapes each output may have for a batch of N images (the model contract).
+_ONE_PER_IMAGE = (("N",), ("N", 1))
+_MAP_PER_IMAGE = (("N", None, None), ("N", None, None, 1))
+_BOX_PER_IMAGE = (("N", 4),)
 
 
 class ModelError(RuntimeError):
@@ -86,6 +90,10 @@ class PneumoModel:
         self.input_name = self.metadata.input_name
         self.output_names = list(self.metadata.output_names) or [
             o.name for o in self.session.get_outputs()]
+        # check_graph allows a batch dimension fixed at 1 (an export without a dynamic
+        # axis): such a model is run one image at a time
+        dim = self.session.get_inputs()[0].shape[0]
+        self.max_batch: int | None = dim if isinstance(dim, int) and dim > 0 else None
 
     @property
     def meta(self) -> dict[str, Any]:
@@ -118,15 +126,33 @@ class PneumoModel:
 
         Returns ``prob`` (N,), ``cam`` (N, h, w) logits or None, ``ood`` (N,) or None,
         and for models with the lung-field stage ``lung_box`` (N, 4) and ``lung_area``
-        (N,) (None otherwise).
+        (N,) (None otherwise). A model with a fixed batch of 1 is run image by image.
 
         Raises:
-            ModelError: the probability output is not a finite number in [0, 1]
-                (a broken or foreign model: never a silent label).
+            ModelError: the model failed on the batch, an output does not have the
+                contract's shape for N images (a probability per image, never another
+                image's), or the probability is not a finite number in [0, 1] (a broken
+                or foreign model: never a silent label).
         """
-        out = self.session.run(None, {self.input_name: np.ascontiguousarray(batch, np.float32)})
+        step = self.max_batch or max(len(batch), 1)
+        parts = [self._run_checked(batch[i:i + step]) for i in range(0, len(batch), step)]
+        if len(parts) == 1:
+            return parts[0]
+        return {k: None if parts[0][k] is None else np.concatenate([p[k] for p in parts])
+                for k in parts[0]}
+
+    def _run_checked(self, batch: np.ndarray) -> dict[str, np.ndarray | None]:
+        n = len(batch)
+        try:
+            out = self.session.run(None, {self.input_name: np.ascontiguousarray(batch,
+                                                                               np.float32)})
+        except Exception as exc:  # onnxruntime raises its own exception types
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise ModelError(f"{self.path}: the model failed on a batch of {n} images "
+                             f"({first})") from None
         named = dict(zip(self.output_names, out))
-        prob = np.asarray(out[0], dtype=np.float64).reshape(len(batch), -1)[:, -1]
+        prob = self._shaped(self.output_names[0], out[0], n, _ONE_PER_IMAGE)
+        prob = np.asarray(prob, dtype=np.float64).reshape(n)
         # float32 sigmoid kernels may return 1 + 1.2e-7: rounding, not a broken model
         ok = np.isfinite(prob) & (prob >= -PROB_TOLERANCE) & (prob <= 1.0 + PROB_TOLERANCE)
         if not np.all(ok):
@@ -138,14 +164,34 @@ class PneumoModel:
         ood = named.get(OOD_OUTPUT) if self.ood_threshold is not None else None
         box, area = named.get(LUNG_BOX_OUTPUT), named.get(LUNG_AREA_OUTPUT)
         has_lung = box is not None and area is not None
+        if cam is not None:
+            cam = self._shaped(CAM_OUTPUT, cam, n, _MAP_PER_IMAGE)
         return {"prob": prob,
                 "cam": None if cam is None else np.asarray(cam, np.float32).reshape(
-                    len(batch), *np.shape(cam)[1:3]),
-                "ood": None if ood is None else np.asarray(ood, np.float64).reshape(-1),
-                "lung_box": np.asarray(box, np.float64).reshape(len(batch), 4)
-                if has_lung else None,
-                "lung_area": np.asarray(area, np.float64).reshape(len(batch))
+                    n, *np.shape(cam)[1:3]),
+                "ood": None if ood is None else np.asarray(
+                    self._shaped(OOD_OUTPUT, ood, n, _ONE_PER_IMAGE), np.float64).reshape(n),
+                "lung_box": np.asarray(self._shaped(LUNG_BOX_OUTPUT, box, n, _BOX_PER_IMAGE),
+                                       np.float64).reshape(n, 4) if has_lung else None,
+                "lung_area": np.asarray(self._shaped(LUNG_AREA_OUTPUT, area, n,
+                                                     _ONE_PER_IMAGE), np.float64).reshape(n)
                 if has_lung else None}
+
+    def _shaped(self, name: str, value, n: int, shapes: tuple[tuple, ...]) -> np.ndarray:
+        """``value`` when its shape is one of ``shapes`` for ``n`` images ("N": the
+        batch, None: any size >= 1, an int: exactly that), else ModelError naming the
+        model and the output."""
+        arr = np.asarray(value)
+        for want in shapes:
+            if len(want) == arr.ndim and all(
+                    (w == "N" and d == n) or (w is None and d >= 1) or w == d
+                    for w, d in zip(want, arr.shape)):
+                return arr
+        wanted = " or ".join("(" + ", ".join("h" if w is None else str(w) for w in s) + ")"
+                             for s in shapes)
+        raise ModelError(f"{self.path}: output {name!r} has shape {list(arr.shape)} for a "
+                         f"batch of {n} images; the contract is {wanted} with N = {n}; "
+                         "refusing to use the model")
 
     def run(self, batch: np.ndarray) -> np.ndarray:
         """P(PNEUMONIA) for a float32 (N, H, W, C) batch, shape (N,)."""
@@ -237,6 +283,10 @@ def load_model(path: str | os.PathLike, device: str = "auto", threads: int | Non
     dummy = np.zeros((1, cfg.height, cfg.width, cfg.channels), np.float32)
     for _ in range(max(warmup, 0)):
         model.run(dummy)
+    if model.max_batch is None:
+        # two images, once: a model whose outputs ignore the batch (or give two rows per
+        # image) is refused here, before any file is decoded, whatever the engine
+        model.run_all(np.zeros((2, *dummy.shape[1:]), np.float32))
     return model
 
 
