@@ -197,7 +197,7 @@ def render_predictions(run, limit: int, csv_path: Path | None) -> None:
         table.add_column(col, overflow="fold")
     for p in run.predictions[:limit]:
         wrong = p.truth is not None and p.truth != p.label
-        table.add_row(plain(p.path), f"{p.probability:.4f}", p.label, p.truth or "",
+        table.add_row(plain(p.path), f"{p.probability:.4f}", plain(p.label), plain(p.truth or ""),
                       "" if p.ood_score is None else f"{p.ood_score:.1f}",
                       plain("; ".join(p.warnings)), style="red" if wrong else None)
     if run.predictions:

@@ -16,6 +16,7 @@ A leaf module: it imports nothing else of the package.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, fields
 from typing import Any, Union
 
@@ -120,18 +121,66 @@ def to_journal(rec: Record) -> dict[str, Any]:
         "lung_box": None if rec.lung_box is None else list(rec.lung_box)}
 
 
-def from_journal(d: dict[str, Any]) -> Record:
-    """The record back from :func:`to_journal`'s object.
+def from_journal(d: Any) -> Record:
+    """The record back from :func:`to_journal`'s object, every field checked.
+
+    The journal is a file on disk: anything may be in it. A probability must be a
+    finite number in [0, 1], an OOD score finite, texts strings, the DICOM facts only
+    :data:`DICOM_FACTS`, the lung box four fractions. ``label``, ``threshold`` and
+    ``truth`` are taken as they are here; the caller that knows the run (its model,
+    threshold and inputs) replaces them.
 
     Raises:
-        KeyError, TypeError: the object is not a record.
+        ValueError: the object is not a valid record.
     """
+    if not isinstance(d, dict):
+        raise ValueError(f"not a record: {type(d).__name__}")
+    path = _text(d, "path")
     if "error" in d:
-        return Failure(d["path"], d["error"])
+        return Failure(path, _text(d, "error"))
+    prob = _finite(d.get("probability"), "probability")
+    if not 0.0 <= prob <= 1.0:
+        raise ValueError(f"probability {prob!r} is not in [0, 1]")
+    ood = d.get("ood_score")
+    inside = d.get("in_distribution")
+    if inside is not None and not isinstance(inside, bool):
+        raise ValueError("in_distribution is not a boolean")
+    warnings = d.get("warnings") or []
+    if not isinstance(warnings, list) or not all(isinstance(w, str) for w in warnings):
+        raise ValueError("warnings is not a list of strings")
+    dicom = d.get("dicom")
+    if dicom is not None and not (isinstance(dicom, dict) and set(dicom) <= set(DICOM_FACTS)
+                                  and all(v is None or (isinstance(v, (str, int))
+                                                        and not isinstance(v, bool))
+                                          for v in dicom.values())):
+        raise ValueError("dicom is not the DICOM facts")
     box = d.get("lung_box")
-    return Prediction(**{k: d.get(k) for k in _JOURNAL_FIELDS}
-                      | {"warnings": tuple(d.get("warnings") or ()),
-                         "lung_box": None if box is None else tuple(box)})
+    if box is not None:
+        if not isinstance(box, list) or len(box) != 4:
+            raise ValueError("lung_box is not four numbers")
+        box = tuple(_finite(v, "lung_box") for v in box)
+        if not all(0.0 <= v <= 1.0 for v in box):
+            raise ValueError("lung_box is not fractions of the image")
+    truth, label = d.get("truth"), d.get("label")
+    return Prediction(path, prob, label if isinstance(label, str) else "",
+                      _finite(d.get("threshold", 0.0), "threshold"),
+                      truth if isinstance(truth, str) else None,
+                      None if ood is None else _finite(ood, "ood_score"), inside,
+                      tuple(warnings), dicom, None, box)
+
+
+def _text(d: dict, key: str) -> str:
+    value = d.get(key)
+    if not isinstance(value, str):
+        raise ValueError(f"{key} is not a string")
+    return value
+
+
+def _finite(value: Any, what: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) \
+            or not math.isfinite(value):
+        raise ValueError(f"{what} is not a finite number")
+    return float(value)
 
 
 # ---------------------------------------------------------------- the flat row

@@ -270,7 +270,7 @@ def render_html(run: PredictionRun, report: dict) -> str:
     any_dicom = any(p.dicom for p in run.predictions)
     pred_rows = "".join(
         f"<tr class='{'mis' if p.truth and p.truth != p.label else ''}'><td>{e(p.path)}</td>"
-        f"<td>{p.probability:.4f}</td><td>{p.label}</td><td>{p.truth or ''}</td>"
+        f"<td>{p.probability:.4f}</td><td>{e(p.label)}</td><td>{e(p.truth or '')}</td>"
         f"<td>{'' if p.ood_score is None else f'{p.ood_score:.1f}'}</td>"
         f"<td>{e('; '.join(p.warnings))}</td>"
         + (f"<td>{e(dicom_summary(p.dicom))}</td>" if any_dicom else "") + "</tr>"

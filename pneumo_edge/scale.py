@@ -25,10 +25,14 @@ already in it.
 from __future__ import annotations
 
 import array
+import contextlib
+import dataclasses
+import hashlib
 import json
 import logging
 import math
 import os
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -36,6 +40,7 @@ from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
+from .errors import UsageError
 from .images import ImageDecodeError
 from .metrics import binary_metrics
 from . import options
@@ -45,7 +50,7 @@ from .preprocess import PreprocessConfig
 from .records import COLUMNS, Failure, Prediction, csv_header, csv_row, from_journal, row, to_journal
 
 __all__ = ["JOURNAL", "REPORT_LIMIT", "RayUnavailable", "predict_ray", "ray_available",
-           "read_journal"]
+           "read_journal", "Journal", "JournalError", "journal_binding"]
 
 JOURNAL = "predictions.journal.jsonl"
 #: Runs with more files than this keep only aggregates in report.json and
@@ -70,20 +75,184 @@ def ray_available() -> bool:
 
 # ------------------------------------------------------------------ the journal
 
+#: The first line of a journal binds it to its run (:func:`journal_binding`).
+JOURNAL_VERSION = 1
+#: A journal line longer than this is not a record (skipped without reading it whole).
+_MAX_LINE = 1 << 20
+
+
+class JournalError(UsageError):
+    """The journal cannot be written or read, or belongs to another run (exit 2)."""
+
+
 def _journal_line(rec: Prediction | Failure) -> str:
     return json.dumps(to_journal(rec), ensure_ascii=False) + "\n"
 
 
+def journal_binding(model_sha256: str, threshold: float, flagged_as: str,
+                    files: Sequence[str | os.PathLike],
+                    truths: Sequence[str | None]) -> dict:
+    """What a journal's records depend on: the model file, the threshold, --flagged-as and
+    the input list (each file with its folder label). ``--resume`` continues a journal
+    only when all of them are the same."""
+    h = hashlib.sha256()
+    for path, truth in zip(files, truths):
+        h.update(os.fsencode(str(path)) + b"\0" + (truth or "").encode() + b"\n")
+    return {"pneumo_edge_journal": JOURNAL_VERSION, "model_sha256": model_sha256,
+            "threshold": float(threshold), "flagged_as": flagged_as,
+            "inputs_sha256": h.hexdigest(), "n_inputs": len(files)}
+
+
+_BOUND = (("model_sha256", "model (sha256)"), ("threshold", "threshold"),
+          ("flagged_as", "--flagged-as"), ("inputs_sha256", "input list"))
+
+
+def _lines(fh) -> Iterator[str]:
+    """Complete lines of at most _MAX_LINE characters; a last line cut short by an
+    interruption ends the journal, longer lines are skipped in pieces."""
+    while True:
+        line = fh.readline(_MAX_LINE)
+        if not line:
+            return
+        if not line.endswith("\n"):
+            if len(line) < _MAX_LINE:
+                return  # the process ended mid-line
+            while line and not line.endswith("\n"):
+                line = fh.readline(_MAX_LINE)
+            continue
+        yield line
+
+
+def _parse(line: str):
+    return json.loads(line, parse_constant=_no_constant)
+
+
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not a number")
+
+
 def read_journal(path: Path) -> Iterator[Prediction | Failure]:
-    """Records of a journal; a last line cut short by an interruption is skipped."""
+    """Records of a journal, each validated; the binding line, lines that are not
+    records and a last line cut short by an interruption are skipped."""
     with open(path, encoding="utf-8", errors="surrogateescape") as fh:
-        for line in fh:
-            if not line.endswith("\n"):
-                break  # the process ended mid-line
+        for line in _lines(fh):
             try:
-                yield from_journal(json.loads(line))
-            except (ValueError, KeyError, TypeError):
+                yield from_journal(_parse(line))
+            except (ValueError, RecursionError):
                 continue
+
+
+class Journal:
+    """The Ray engine's journal: its binding on the first line, then one record per
+    line, appended and flushed per batch. Every failure to write it is a
+    :class:`JournalError` naming it (a full disk, a folder where it goes)."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self._fh = None
+
+    def _error(self, exc: OSError, doing: str) -> JournalError:
+        return JournalError(f"{self.path}: could not {doing} the Ray journal "
+                            f"({exc.strerror or exc}); files finished before are kept in it")
+
+    def _check_file(self) -> None:
+        if self.path.exists() and not self.path.is_file():
+            raise JournalError(f"{self.path}: the Ray journal's place is taken by something "
+                               "that is not a file; move it away or choose another --out")
+
+    def resume(self, binding: dict, files: Sequence[str | os.PathLike],
+               truths: Sequence[str | None],
+               ood_threshold: float | None = None) -> dict[str, Prediction | Failure]:
+        """The finished records of the run this journal belongs to, keyed by path.
+
+        Only files of ``files`` are taken (other lines are ignored), each field is
+        validated (a bad line is skipped: its file is predicted again), and what the
+        run decides is not read from the file: the label comes from the probability
+        and the bound threshold, the truth from the input list, in_distribution from
+        the OOD score and ``ood_threshold``.
+
+        Raises:
+            JournalError: no journal binding, or one for another model, threshold,
+                --flagged-as or input list; an unreadable journal.
+        """
+        self._check_file()
+        if not self.path.exists():
+            return {}
+        truth_of = {str(p): t for p, t in zip(files, truths)}
+        thr = binding["threshold"]
+        done: dict[str, Prediction | Failure] = {}
+        try:
+            with open(self.path, encoding="utf-8", errors="surrogateescape") as fh:
+                lines = _lines(fh)
+                try:
+                    head = _parse(next(lines, "null"))
+                except (ValueError, RecursionError):
+                    head = None
+                if not isinstance(head, dict) or \
+                        head.get("pneumo_edge_journal") != JOURNAL_VERSION:
+                    raise JournalError(
+                        f"{self.path}: no run binding on its first line (not a journal of "
+                        "this pneumo-edge version); rerun without --resume to start over")
+                for key, what in _BOUND:
+                    if head.get(key) != binding[key]:
+                        raise JournalError(
+                            f"{self.path}: the journal was written for another {what}; "
+                            "--resume continues a run only with the same model, "
+                            "--threshold, --flagged-as and inputs (rerun without --resume "
+                            "to start over)")
+                for line in lines:
+                    try:
+                        rec = from_journal(_parse(line))
+                    except (ValueError, RecursionError):
+                        continue
+                    if rec.path not in truth_of:
+                        continue  # not a file of this run
+                    done[rec.path] = _bound(rec, thr, truth_of[rec.path], ood_threshold)
+        except OSError as exc:
+            raise self._error(exc, "read") from None
+        return done
+
+    def start(self, binding: dict, records=()) -> None:
+        """Write the binding and ``records`` as the whole journal (atomically, replacing
+        an earlier one), then open it for :meth:`append`."""
+        self._check_file()
+        try:
+            # surrogateescape, as the journal is appended: names that are not UTF-8 come
+            # back byte for byte on resume
+            with atomic_path(self.path) as tmp, open(tmp, "w", encoding="utf-8",
+                                                     errors="surrogateescape") as fh:
+                fh.write(json.dumps(binding) + "\n")
+                fh.writelines(_journal_line(rec) for rec in records)
+            self._fh = open(self.path, "a", encoding="utf-8", errors="surrogateescape")
+        except OSError as exc:
+            raise self._error(exc, "write") from None
+
+    def append(self, records) -> None:
+        try:
+            self._fh.writelines(_journal_line(rec) for rec in records)
+            self._fh.flush()
+        except OSError as exc:
+            raise self._error(exc, "write") from None
+
+    def close(self) -> None:
+        if self._fh is not None:
+            fh, self._fh = self._fh, None
+            try:
+                fh.close()
+            except OSError:
+                pass  # append has already reported what could not be written
+
+
+def _bound(rec: Prediction | Failure, thr: float, truth: str | None,
+           ood_thr: float | None) -> Prediction | Failure:
+    """A journal record with what the run decides recomputed, not read."""
+    if isinstance(rec, Failure):
+        return rec
+    ood = rec.ood_score if ood_thr is not None else None
+    return dataclasses.replace(
+        rec, label="PNEUMONIA" if rec.probability >= thr else "NORMAL", threshold=thr,
+        truth=truth, ood_score=ood,
+        in_distribution=None if ood_thr is None else (ood is not None and ood <= ood_thr))
 
 
 # ------------------------------------------------------------------ the two stages
@@ -209,15 +378,12 @@ def predict_ray(model_path: str | os.PathLike, files: Sequence[Path],
     cfg = local.preprocess
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    journal = out / JOURNAL
-
-    done: dict[str, Prediction | Failure] = {}
-    if resume and journal.exists():
-        for rec in read_journal(journal):
-            done[rec.path] = rec
-        _rewrite_journal(journal, done.values())  # drop a torn last line
-    elif journal.exists():
-        journal.unlink()
+    journal = Journal(out / JOURNAL)
+    binding = journal_binding(local.sha256, thr, flagged_as, files, truths)
+    done = journal.resume(binding, files, truths, ood_thr) if resume else {}
+    # the journal as this run knows it: its binding and the records it keeps (a torn
+    # last line, bad lines and other files' lines dropped)
+    journal.start(binding, done.values())
     todo = [(i, str(p), t or "") for i, (p, t) in enumerate(zip(files, truths))
             if str(p) not in done]
 
@@ -225,24 +391,28 @@ def predict_ray(model_path: str | os.PathLike, files: Sequence[Path],
     for rec in done.values():
         collector.add(rec)
     t_start = time.perf_counter()
-    if todo:
-        started = _init_ray(ray, address)
-        try:
-            t_start = time.perf_counter()  # end-to-end from here: the cluster is up
-            _execute(ray, todo, journal, collector, model_path=model_path, cfg=cfg,
-                     actors=actors, threads=threads, batch_size=batch_size,
-                     task_size=task_size, decode=decode, fault=fault, thr=thr,
-                     ood_thr=ood_thr, flagged_as=flagged_as,
-                     progress=None if progress is None else
-                     (lambda n: progress(len(done) + n)))
-        finally:
-            if started:
-                ray.shutdown()
+    try:
+        if todo:
+            with _ray_stderr_silenced():
+                started = _init_ray(ray, address)
+                try:
+                    t_start = time.perf_counter()  # end-to-end from here: the cluster is up
+                    _execute(ray, todo, journal, collector, model_path=model_path, cfg=cfg,
+                             actors=actors, threads=threads, batch_size=batch_size,
+                             task_size=task_size, decode=decode, fault=fault, thr=thr,
+                             ood_thr=ood_thr, flagged_as=flagged_as,
+                             progress=None if progress is None else
+                             (lambda n: progress(len(done) + n)))
+                finally:
+                    if started:
+                        ray.shutdown()
+    finally:
+        journal.close()
     seconds = time.perf_counter() - t_start
-    return collector.run(local, thr, batch_size, seconds, flagged_as), journal
+    return collector.run(local, thr, batch_size, seconds, flagged_as), journal.path
 
 
-def _execute(ray, todo, journal: Path, collector: "_Collector", *, model_path, cfg,
+def _execute(ray, todo, journal: Journal, collector: "_Collector", *, model_path, cfg,
              actors: int, threads: int | None, batch_size: int, task_size: int, decode: str,
              fault, thr: float, ood_thr, flagged_as: str, progress) -> None:
     """Build the Ray Data pipeline over ``todo`` and stream its records to the journal."""
@@ -271,16 +441,49 @@ def _execute(ray, todo, journal: Path, collector: "_Collector", *, model_path, c
         scored = ds.map_batches(_DecodingModelActor, fn_constructor_kwargs=actor_kwargs,
                                 batch_size=chunk, **pool)
     seen: set[int] = set()
-    with open(journal, "a", encoding="utf-8", errors="surrogateescape") as fh:
-        for b in scored.iter_batches(batch_size=None, batch_format="numpy",
-                                     prefetch_batches=1):
-            for rec in _records(b, seen, thr, ood_thr, flagged_as, collector):
-                fh.write(_journal_line(rec))
-            fh.flush()
-            if progress:
-                progress(len(seen))
+    for b in scored.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=1):
+        journal.append(_records(b, seen, thr, ood_thr, flagged_as, collector))
+        if progress:
+            progress(len(seen))
     if len(seen) != len(todo):  # never silently: Ray returned fewer rows than files
         raise RuntimeError(f"the Ray engine returned {len(seen)} of {len(todo)} files")
+
+
+@contextlib.contextmanager
+def _ray_stderr_silenced() -> Iterator[None]:
+    """Ray's core (C++) writes its own lines to the process's stderr: a note that the
+    log level was read from RAY_BACKEND_LOG_LEVEL, one warning per restartable actor.
+    While Ray runs, file descriptor 2 goes to the null device and Python's
+    ``sys.stderr`` (our progress bar, notes and errors) to a copy of the real one.
+
+    Nothing is silenced when the user set RAY_BACKEND_LOG_LEVEL (they asked to see
+    Ray's logs), or when stderr is not a file descriptor (captured, as in tests).
+    """
+    try:
+        fd = sys.stderr.fileno()
+    except (AttributeError, OSError, ValueError):
+        fd = -1
+    if fd < 0 or "RAY_BACKEND_LOG_LEVEL" in os.environ:
+        os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")  # the actor warnings
+        yield
+        return
+    python_stderr = sys.stderr
+    python_stderr.flush()
+    saved = os.dup(fd)
+    null = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(null, fd)
+    os.close(null)
+    sys.stderr = open(saved, "w", buffering=1, closefd=False,
+                      encoding=python_stderr.encoding or "utf-8", errors="backslashreplace")
+    os.environ["RAY_BACKEND_LOG_LEVEL"] = "fatal"
+    try:
+        yield
+    finally:
+        sys.stderr.flush()
+        sys.stderr = python_stderr
+        os.dup2(saved, fd)
+        os.close(saved)
+        os.environ.pop("RAY_BACKEND_LOG_LEVEL", None)
 
 
 def _init_ray(ray, address: str | None) -> bool:
@@ -290,9 +493,9 @@ def _init_ray(ray, address: str | None) -> bool:
         logging.getLogger(name).setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", module=r"ray(\.|$)")
     # the core worker logs one error-level line per restartable actor whose
-    # constructor arguments Ray Data keeps in the object store (all of ours):
-    # set RAY_BACKEND_LOG_LEVEL yourself to see Ray's backend logs
-    os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")
+    # constructor arguments Ray Data keeps in the object store (all of ours), and a
+    # note when it reads RAY_BACKEND_LOG_LEVEL: _ray_stderr_silenced keeps them off
+    # the terminal (set RAY_BACKEND_LOG_LEVEL yourself to see Ray's backend logs)
     if ray.is_initialized():
         return False
     kwargs = dict(include_dashboard=False, log_to_driver=False,
@@ -406,14 +609,6 @@ class _Collector:
             omitted_predictions=self.omitted_predictions,
             omitted_failures=self.omitted_failures, omitted_flagged=self.omitted_flagged,
             session_predicted=self.session_predicted, engine="ray")
-
-
-def _rewrite_journal(journal: Path, records) -> None:
-    # surrogateescape, as the journal is appended: names that are not UTF-8 come back
-    # byte for byte on resume
-    with atomic_path(journal) as tmp, open(tmp, "w", encoding="utf-8",
-                                            errors="surrogateescape") as fh:
-        fh.writelines(_journal_line(rec) for rec in records)
 
 
 # ------------------------------------------------------------------ outputs

@@ -128,10 +128,11 @@ def test_resume_skips_finished_files(cluster, archive, local_run, tmp_path):
     out.mkdir()
     full, journal = predict_ray(MODEL, files, truths, out, actors=1, batch_size=4)
     lines = journal.read_text(encoding="utf-8").splitlines(keepends=True)
-    # an interrupted run: 30 records written, the 31st cut mid-line
-    journal.write_text("".join(lines[:30]) + lines[30][:25], encoding="utf-8")
+    assert json.loads(lines[0])["pneumo_edge_journal"] == 1  # the run binding comes first
+    # an interrupted run: the binding and 30 records written, the 31st cut mid-line
+    journal.write_text("".join(lines[:31]) + lines[31][:25], encoding="utf-8")
     run, _ = predict_ray(MODEL, files, truths, out, actors=1, batch_size=4, resume=True)
-    done_before = {json.loads(x)["path"] for x in lines[:30]}
+    done_before = {json.loads(x)["path"] for x in lines[1:31]}
     assert run.session_predicted == sum(
         1 for p in local_run.predictions if p.path not in done_before)
     _same(run, local_run)
