@@ -15,13 +15,13 @@ from typing import Annotated, Optional
 
 import typer
 from rich.text import Text
-from typer.core import TyperCommand
 
 from . import __version__
 from . import options as o
 from .console import (console, err, fail_line, plain, progress, render_benchmark, render_ensemble,
                       render_export, render_info, render_robustness, render_run,
                       render_train_result, say, warn)
+from .clihelp import Command as _Command, library_help as _library_help
 from .errors import Interrupted, UsageError
 
 EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE, EXIT_INTERNAL, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
@@ -52,23 +52,6 @@ def _training(module: str, what: str):
         return importlib.import_module(f"training.{module}")
     except ImportError as exc:
         raise _fail(f"{what} needs the train extra (pip install 'pneumo-edge[train]'): {exc}")
-
-
-def _library_help(helper: str) -> type[TyperCommand]:
-    """A command whose option help (meaning, choices, defaults) the training library
-    writes (``module:function``), read only when ``--help`` is shown."""
-    class LibraryHelp(TyperCommand):
-        def format_help(self, ctx, formatter):
-            module, function = helper.split(":")
-            try:
-                texts = getattr(importlib.import_module(module), function)()
-            except ImportError:  # no training side installed: the plain help
-                texts = {}
-            for param in self.params:
-                param.help = texts.get(param.name, param.help)
-            return super().format_help(ctx, formatter)
-
-    return LibraryHelp
 
 
 def _given(**kwargs) -> dict:  # the options given: the library has the defaults
@@ -123,7 +106,7 @@ OptInt, OptFloat, OptStr = Optional[int], Optional[float], Optional[str]
                "init_from:path freeze_until:str pull:float")
 def train(data: Annotated[Path, Opt()], resume: Annotated[bool, Opt("--resume")] = False,
           **options):
-    """Train a ResNet-18 on labelled chest X-rays (needs the [bold]train[/] extra).
+    """Train a ResNet-18 on labelled chest X-rays (needs the train extra: pip install 'pneumo-edge[train]').
 
     Options left out take the defaults of training.train.TrainConfig and AugmentConfig;
     the whole configuration is checked before any image is decoded.
@@ -158,7 +141,7 @@ def export(
     render_export(result, set_default)
 
 
-@app.command()
+@app.command(cls=_Command)
 def ensemble(
     runs: Annotated[list[Path], typer.Argument(help="Finished run folders of one recipe on one split (same --seed, different --init-seed).")],
     out: Annotated[Path, Opt(help="Run folder to write (export it like any run).")] = Path("runs/ensemble"),
@@ -175,7 +158,7 @@ def ensemble(
     render_ensemble(val, out)
 
 
-@app.command()
+@app.command(cls=_Command)
 def predict(
     paths: Annotated[list[Path], typer.Argument(help="Image files and/or folders (recursive).")],
     model: Annotated[Optional[Path], Opt("--model", "-m", help="ONNX model with pneumo_edge metadata (default: the release model in exported/).")] = None,
@@ -190,7 +173,7 @@ def predict(
     flagged_as: Annotated[o.FlaggedAs, Opt(help=o.FlaggedAs.__doc__)] = o.FlaggedAs.warn,
     show: Annotated[int, Opt(min=o.SHOW.lo, help="Rows of per-image results to print when files are written (all are in predictions.csv).")] = o.SHOW.default,
     quiet: Annotated[bool, Opt("--quiet", "-q", help="No progress bar or per-image table.")] = False,
-    engine: Annotated[o.Engine, Opt(help="local: this process; ray: Ray Data (the scale extra), local or --ray-address.")] = o.Engine.local,
+    engine: Annotated[o.Engine, Opt(help="local: this process; ray: Ray Data (pip install 'pneumo-edge[scale]'), local or --ray-address.")] = o.Engine.local,
     actors: Annotated[int, Opt(min=o.ACTORS.lo, max=o.ACTORS.hi, help="--engine ray: model actors (one onnxruntime session each).")] = o.ACTORS.default,
     ray_address: Annotated[OptStr, Opt(help="--engine ray: an existing cluster (e.g. auto, ray://head:10001); default a local Ray.")] = None,
     ray_decode: Annotated[o.RayDecode, Opt(help="--engine ray: " + o.RayDecode.__doc__)] = o.RayDecode.actors,
@@ -220,7 +203,7 @@ def predict(
         raise typer.Exit(EXIT_SOME_FAILED)
 
 
-@app.command()
+@app.command(cls=_Command)
 def info(model: Annotated[Path, typer.Argument(help="An exported ONNX model.")]):
     """Show a model's pneumo_edge metadata, inputs, outputs, size and sha256."""
     from .runtime import ModelError, file_sha256, read_metadata
@@ -253,7 +236,7 @@ def robustness(
         console.print(plain(f"wrote {done.written}"), highlight=False)
 
 
-@app.command(context_settings={"allow_extra_args": True})
+@app.command(cls=_Command, context_settings={"allow_extra_args": True})
 def benchmark(
     ctx: typer.Context,
     models: Annotated[Optional[list[Path]], Opt("--models", help="ONNX files: `--models exported/*.onnx` or the option repeated (default: the release model).")] = None,
@@ -294,7 +277,7 @@ def serve(
     device: Annotated[o.Device, Opt(help=o.Device.__doc__)] = o.Device.auto, **options,
 ):
     """Serve predictions over HTTP (and DICOM with --dicom-port) until SIGTERM or Ctrl-C
-    (needs the [bold]serve[/] extra). See docs/serve.md."""
+    (needs the serve extra: pip install 'pneumo-edge[serve]'). See docs/serve.md."""
     from .console import render_serving
     from .jobs import serve_job
 

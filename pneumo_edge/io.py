@@ -231,9 +231,13 @@ def output_lock(folder: str | os.PathLike, wait: float | None = None,
         time.sleep(poll)
     try:
         started = datetime.now(timezone.utc).isoformat(timespec="seconds")
-        os.ftruncate(fd, 0)
-        os.write(fd, f"pid {os.getpid()} on {platform.node() or 'this host'}, "
-                     f"started {started}\n".encode())
+        try:  # the holder's name is for the message of a waiting run: a full disk
+            # must not fail the lock (the run may still write elsewhere)
+            os.ftruncate(fd, 0)
+            os.write(fd, f"pid {os.getpid()} on {platform.node() or 'this host'}, "
+                         f"started {started}\n".encode())
+        except OSError:
+            pass
         yield folder
     finally:
         try:  # removed while still locked, so no waiting run locks a stale file

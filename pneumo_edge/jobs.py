@@ -75,6 +75,9 @@ def _locked(*folders: Path | None) -> Iterator[None]:
                 stack.enter_context(output_lock(folder))
             except OutputLocked as exc:
                 raise UsageError(str(exc)) from None
+            except OSError as exc:  # a full or read-only disk under the folder
+                raise UsageError(f"{folder}: cannot write here ({exc.strerror or exc})"
+                                 ) from None
         yield
 
 
@@ -172,8 +175,10 @@ def predict_job(paths: Sequence[Path], *, model: Path | None = None, report: boo
             raise Interrupted("interrupted; nothing written for this run") from None
         written = {} if out is None else _write_outputs(run, out, report)
     notes = list(own)
-    if run.heatmaps:
+    if run.heatmaps and not run.heatmap_error:
         notes.append((f"wrote {len(run.heatmaps)} heatmaps to {heatmaps}", ""))
+    if run.heatmap_error:
+        notes.append((f"--heatmaps: {run.heatmap_error}", "yellow"))
     return PredictOutcome(run, written, notes)
 
 

@@ -45,6 +45,8 @@ class PredictionRun:
     metrics: BinaryMetrics | None
     model_meta: dict = field(default_factory=dict, repr=False)
     heatmaps: dict[str, str] = field(default_factory=dict, repr=False)
+    #: why heatmaps stopped being written (a full or read-only folder); "" when none did
+    heatmap_error: str = ""
     flagged_as: str = "warn"
     #: predictions / failures / flagged records not held in the lists above (large
     #: runs of the Ray engine keep them only in the files; counts stay exact)
@@ -130,10 +132,19 @@ def batch_records(items, out: dict, thr: float, ood_thr: float | None,
         if warns and flagged_as == "fail":
             records.append(Failure(str(p), FLAG_PREFIX + "; ".join(warns)))
             continue
-        cam = None if out.get("cam") is None else out["cam"][i].astype(np.float16)
+        cam = None if out.get("cam") is None else _half(out["cam"][i])
         records.append(Prediction(str(p), prob, "PNEUMONIA" if prob >= thr else "NORMAL", thr,
                                   truth, ood, inside, tuple(warns), dicom, cam, box))
     return records
+
+
+_HALF_MAX = float(np.finfo(np.float16).max)
+
+
+def _half(cam: np.ndarray) -> np.ndarray:
+    """The cam logits as finite float16 (kept small per record): values beyond float16's
+    range are clipped to it, not turned into inf (with numpy's overflow warning)."""
+    return np.clip(np.nan_to_num(cam, nan=0.0), -_HALF_MAX, _HALF_MAX).astype(np.float16)
 
 
 def predict_paths(model: PneumoModel, files: Sequence[Path], *,
@@ -172,8 +183,21 @@ def predict_paths(model: PneumoModel, files: Sequence[Path], *,
     times: list[float] = []
     batch: list[np.ndarray] = []
     batch_items: list[tuple[Path, str | None, tuple[str, ...], dict | None]] = []
+    heatmap_error = ""
+
+    def no_heatmaps(exc: OSError) -> None:
+        # a full or read-only heatmap folder costs the heatmaps, not the run: the
+        # predictions and the report (often on another disk) still come
+        nonlocal heatmap_dir, heatmap_error
+        heatmap_error = (f"could not write heatmaps to {heatmap_dir} "
+                         f"({exc.strerror or exc}); {len(heatmaps)} written before")
+        heatmap_dir = None
+
     if heatmap_dir is not None:
-        Path(heatmap_dir).mkdir(parents=True, exist_ok=True)
+        try:
+            Path(heatmap_dir).mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            no_heatmaps(exc)
 
     def flush() -> None:
         if not batch:
@@ -188,8 +212,12 @@ def predict_paths(model: PneumoModel, files: Sequence[Path], *,
                 continue
             predictions.append(rec)
             if heatmap_dir is not None and rec.cam is not None:
-                heatmaps[rec.path] = _write_heatmap(Path(heatmap_dir), len(predictions) - 1,
-                                                    rec)
+                try:
+                    written = _write_heatmap(Path(heatmap_dir), len(predictions) - 1, rec)
+                except OSError as exc:
+                    no_heatmaps(exc)
+                else:
+                    heatmaps[rec.path] = written
         batch.clear()
         batch_items.clear()
 
@@ -231,6 +259,7 @@ def predict_paths(model: PneumoModel, files: Sequence[Path], *,
     return PredictionRun(model=summary, predictions=predictions, failures=failures,
                          batch_size=batch_size, seconds=seconds, model_ms_per_image=times,
                          metrics=metrics, model_meta=model.meta, heatmaps=heatmaps,
+                         heatmap_error=heatmap_error,
                          flagged_as=flagged_as)
 
 
