@@ -134,10 +134,10 @@ class PneumoModel:
                 image's), or the probability is not a finite number in [0, 1] (a broken
                 or foreign model: never a silent label).
         """
-        step = self.max_batch or max(len(batch), 1)
+        step = self.max_batch or len(batch)
+        if len(batch) <= step:
+            return self._run_checked(batch)
         parts = [self._run_checked(batch[i:i + step]) for i in range(0, len(batch), step)]
-        if len(parts) == 1:
-            return parts[0]
         return {k: None if parts[0][k] is None else np.concatenate([p[k] for p in parts])
                 for k in parts[0]}
 

@@ -463,7 +463,7 @@ def _ray_stderr_silenced() -> Iterator[None]:
         fd = sys.stderr.fileno()
     except (AttributeError, OSError, ValueError):
         fd = -1
-    if fd < 0 or "RAY_BACKEND_LOG_LEVEL" in os.environ:
+    if fd != 2 or "RAY_BACKEND_LOG_LEVEL" in os.environ:  # Ray's core writes to fd 2
         os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")  # the actor warnings
         yield
         return
