@@ -32,6 +32,8 @@ def folder(tmp_path) -> Path:
     (["benchmark", "--models", "{model}", "--batch-sizes", "1,100000000"], "--batch-sizes"),
     (["benchmark", "--models", "{model}", "--threads", "1000000000"], "--threads"),
     (["predict", "{in}", "--engine", "ray", "--workers", "1000000"], "--workers"),
+    (["serve", "--model", "{model}", "--workers", "1000000", "--port", "0"], "--workers"),
+    (["serve", "--model", "{model}", "--threads", "1000000000", "--port", "0"], "--threads"),
 ])
 def test_options_without_a_sane_upper_limit_are_usage_errors(tmp_path, folder, args, flag):
     model = make_tiny_onnx(tmp_path / "m.onnx")

@@ -115,8 +115,12 @@ class ServeConfig:
         for ae in (self.ae_title, *self.allowed_aes):
             if not _AE_TITLE.match(ae) or not ae.strip():
                 raise ServeError(f"AE title {ae!r}: 1-16 characters, no backslash")
-        if self.workers < 1:
-            raise ServeError(f"--workers {self.workers}: must be at least 1")
+        from ..options import THREADS, WORKERS  # predict's ranges
+
+        if not WORKERS.lo <= self.workers <= WORKERS.hi:
+            raise ServeError(f"--workers {self.workers}: must be {WORKERS.lo}-{WORKERS.hi}")
+        if self.threads is not None and not THREADS.lo <= self.threads <= THREADS.hi:
+            raise ServeError(f"--threads {self.threads}: must be {THREADS.lo}-{THREADS.hi}")
         if self.forward is not None and self.dicom_port is None:
             raise ServeError("--forward sends a report per DICOM instance: it needs --dicom-port")
 
