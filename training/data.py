@@ -68,6 +68,20 @@ def discover(data_dir: str | Path) -> tuple[list[Sample], int]:
     return samples, no_patient
 
 
+def _take(order: list[str], by_patient: dict[str, list], fraction: float,
+          leave_one: bool = True) -> list[str]:
+    """Patients from the front of ``order`` until they hold ``fraction`` of its images;
+    with ``leave_one`` the last patient always stays behind (for training)."""
+    want = fraction * sum(len(by_patient[p]) for p in order)
+    taken, chosen = 0, []
+    for p in order[:-1] if leave_one else order:
+        if taken >= want:
+            break
+        chosen.append(p)
+        taken += len(by_patient[p])
+    return chosen
+
+
 def patient_split(samples: list[Sample], val_fraction: float, seed: int
                   ) -> tuple[list[Sample], list[Sample]]:
     """Split by patient, stratified by class: no patient is on both sides.
@@ -92,13 +106,7 @@ def patient_split(samples: list[Sample], val_fraction: float, seed: int
             raise DataError(f"too few {CLASS_NAMES[label]} patients ({len(group)}) "
                             "for a train/validation split")
         rng.shuffle(group)
-        want = val_fraction * sum(len(by_patient[p]) for p in group)
-        taken = 0
-        for p in group[:-1]:  # always leave at least one patient for training
-            if taken >= want:
-                break
-            val_patients.add(p)
-            taken += len(by_patient[p])
+        val_patients.update(_take(group, by_patient, val_fraction))
     train = [s for s in samples if s.patient not in val_patients]
     val = [s for s in samples if s.patient in val_patients]
     for name, part in (("training", train), ("validation", val)):
@@ -143,23 +151,13 @@ def block_split(samples: list[Sample], val_fraction: float, seed: int
         families.setdefault(_patient_order(p)[0], []).append(p)
     part: dict[str, str] = {}
     for fam in families.values():  # every family gives its earliest patients
-        want, taken = val_fraction * sum(len(by_patient[p]) for p in fam), 0
-        for p in fam:
-            if taken >= want:
-                break
-            part[p] = "block"
-            taken += len(by_patient[p])
+        part.update(dict.fromkeys(_take(fam, by_patient, val_fraction, leave_one=False),
+                                  "block"))
     rng = np.random.default_rng(seed)
     for label, tag, fraction in ((0, "patient", val_fraction / 2), (1, "both", val_fraction)):
         group = sorted(p for p, lab in label_of.items() if lab == label and p not in part)
         rng.shuffle(group)
-        want = fraction * sum(len(by_patient[p]) for p in group)
-        taken = 0
-        for p in group[:-1]:  # always leave at least one patient for training
-            if taken >= want:
-                break
-            part[p] = tag
-            taken += len(by_patient[p])
+        part.update(dict.fromkeys(_take(group, by_patient, fraction), tag))
     train = [s for s in samples if s.patient not in part]
     val = [Sample(s.path, s.label, s.patient, part[s.patient]) for s in samples
            if s.patient in part]
