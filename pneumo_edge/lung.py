@@ -39,7 +39,7 @@ __all__ = [
     "FRAME", "SEG", "CROP", "MASK_THRESHOLD", "MIN_FRACTION", "MARGIN", "JITTER",
     "MIN_BOX_AREA", "CENTRE_X", "CENTRE_Y", "NO_LUNG_FIELD", "FULL_BOX",
     "seg_input", "lung_box", "crop_matrices", "crop", "lung_crop", "lung_field_issue",
-    "lung_field_warning", "heatmap_to_frame",
+    "heatmap_to_frame",
 ]
 
 FRAME = 192            # full frame side (the model input), pixels
@@ -180,11 +180,6 @@ def lung_field_issue(box: Sequence[float], area: float) -> str | None:
     if not CENTRE_X[0] <= cx <= CENTRE_X[1] or not CENTRE_Y[0] <= cy <= CENTRE_Y[1]:
         return f"lung box off-centre (centre at {100 * cx:.0f} % / {100 * cy:.0f} % of width / height)"
     return None
-
-
-def lung_field_warning(box: Sequence[float], area: float) -> str | None:
-    """``NO_LUNG_FIELD`` when :func:`lung_field_issue` finds a problem, else None."""
-    return NO_LUNG_FIELD if lung_field_issue(box, area) else None
 
 
 def heatmap_to_frame(heat: np.ndarray, box: Sequence[float], shape: tuple[int, int],
