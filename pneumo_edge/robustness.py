@@ -197,6 +197,8 @@ class RobustnessResult:
     rows: list[RobustnessRow]
     probs: dict[str, np.ndarray]
     labels: np.ndarray
+    #: positions in the scored files of the images behind ``labels`` (failed decodes left out)
+    index: np.ndarray | None = None
 
     def row(self, name: str) -> RobustnessRow:
         return next(r for r in self.rows if r.perturbation == name)
@@ -217,6 +219,20 @@ class RobustnessResult:
         return {name: float(np.mean((self.probs[name] >= self.threshold)
                                     == (reference.probs[name] >= reference.threshold)))
                 for name in self.probs if name in reference.probs}
+
+    def subset(self, mask: np.ndarray) -> "RobustnessResult":
+        """The same model's rows on the scored files where ``mask`` (one value per file
+        given to :func:`run_suite`) is true: a validation view."""
+        mask = np.asarray(mask, bool)
+        if mask.ndim != 1 or mask.size != self.n_images:
+            raise ValueError(f"mask of {mask.size} values for {self.n_images} files")
+        index = self.index if self.index is not None else np.arange(self.labels.size)
+        mask = mask[index]
+        probs = {name: p[mask] for name, p in self.probs.items()}
+        labels = self.labels[mask]
+        return RobustnessResult(self.model, self.threshold, int(mask.sum()), 0,
+                                _rows(probs, labels, self.threshold), probs, labels,
+                                np.arange(int(mask.sum())))
 
     def to_dict(self) -> dict:
         return {"model": self.model, "threshold": self.threshold, "n_images": self.n_images,
@@ -269,14 +285,15 @@ def run_suite(predict: Callable[[np.ndarray], np.ndarray], cfg: PreprocessConfig
         return np.stack([to_model_input(perturb(gray, n, seed), cfg) for n in names])
 
     ok_labels: list[int] = []
+    ok_index: list[int] = []
     out: list[np.ndarray] = []  # (n_ok, n_rows)
     failed = 0
     files = list(files)
     with ThreadPoolExecutor(max_workers=workers) as pool:
         for start in range(0, len(files), batch_size):
             chunk = list(pool.map(inputs, files[start:start + batch_size]))
-            good = [(x, int(y)) for x, y in zip(chunk, labels[start:start + batch_size])
-                    if x is not None]
+            good = [(x, int(y), start + i) for i, (x, y)
+                    in enumerate(zip(chunk, labels[start:start + batch_size])) if x is not None]
             failed += len(chunk) - len(good)
             if not good:
                 continue
@@ -285,6 +302,7 @@ def run_suite(predict: Callable[[np.ndarray], np.ndarray], cfg: PreprocessConfig
             p = np.asarray(predict(x.reshape(b * r, *x.shape[2:])), np.float64).reshape(b, r)
             out.append(p)
             ok_labels.extend(g[1] for g in good)
+            ok_index.extend(g[2] for g in good)
             if progress:
                 progress(f"{min(start + batch_size, len(files))}/{len(files)} images")
     if not out:
@@ -294,15 +312,19 @@ def run_suite(predict: Callable[[np.ndarray], np.ndarray], cfg: PreprocessConfig
     probs = {n: allp[:, i] for i, n in enumerate(names)}
     return RobustnessResult(model=model_name, threshold=float(threshold),
                             n_images=len(files), n_failed=failed,
-                            rows=_rows(probs, y, threshold), probs=probs, labels=y)
+                            rows=_rows(probs, y, threshold), probs=probs, labels=y,
+                            index=np.asarray(ok_index))
 
 
 def read_split_csv(csv_path: str | os.PathLike, root: str | os.PathLike | None = None,
-                   subset: str | None = "val") -> tuple[list[str], list[int]]:
+                   subset: str | None = "val", view: str | None = None
+                   ) -> tuple[list[str], list[int]]:
     """Files and labels from a ``val_split.csv`` (export) or ``split.csv`` (a run).
 
     Relative paths are resolved against ``root`` (default: the CSV's folder).
-    Rows with a ``subset`` column are kept only when it equals ``subset``.
+    Rows with a ``subset`` column are kept only when it equals ``subset``; with ``view``
+    (a ``--split block`` run's "block" or "patient"), only rows whose ``part`` is that
+    view or "both".
     """
     import csv
 
@@ -311,6 +333,8 @@ def read_split_csv(csv_path: str | os.PathLike, root: str | os.PathLike | None =
     with open(csv_path, newline="", encoding="utf-8") as fh:
         for row in csv.DictReader(fh):
             if subset and row.get("subset", subset) != subset:
+                continue
+            if view and row.get("part") not in (view, "both"):
                 continue
             p = Path(row["path"])
             files.append(str(p if p.is_absolute() else base / p))

@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 from pneumo_edge.cli import EXIT_USAGE, app
 from pneumo_edge.metrics import (apply_temperature, choose_threshold_robust,
                                  expected_calibration_error, fit_platt, fit_temperature)
-from pneumo_edge.robustness import PERTURBATIONS, perturb, run_suite
+from pneumo_edge.robustness import PERTURBATIONS, perturb, read_split_csv, run_suite
 
 from helpers import make_tiny_onnx
 
@@ -125,6 +125,46 @@ def test_suite_rows_on_a_tiny_model(tmp_path):
     assert res.agreement_with(res) == {n: 1.0 for n in res.probs}
     d = res.to_dict()
     assert json.loads(json.dumps(d))["rows"][0]["perturbation"] == "clean"
+
+
+def test_subset_scores_a_view_like_a_suite_run_on_its_files(tmp_path):
+    from pneumo_edge.runtime import load_model
+
+    model = load_model(make_tiny_onnx(tmp_path / "tiny.onnx"), device="cpu")
+    files, labels = _labelled(tmp_path)
+    files.insert(3, str(tmp_path / "missing.png"))  # a failed decode shifts the positions
+    labels.insert(3, 1)
+    rows = ["clean", "zoom_out_15", "border_black_3"]
+    res = run_suite(model.run, model.preprocess, files, labels, model.threshold,
+                    perturbations=rows, batch_size=4)
+    mask = np.zeros(len(files), bool)
+    mask[[0, 1, 3, 5, 6, 10, 11, 12]] = True  # one of them the missing file
+    view = res.subset(mask)
+    alone = run_suite(model.run, model.preprocess, [f for f, m in zip(files, mask) if m],
+                      [y for y, m in zip(labels, mask) if m], model.threshold,
+                      perturbations=rows, batch_size=4)
+    assert view.n_images == len(view.labels) == 7
+    assert np.array_equal(view.labels, alone.labels)
+    for name in rows:
+        assert np.allclose(view.probs[name], alone.probs[name])
+        assert view.row(name).to_dict() == pytest.approx(alone.row(name).to_dict())
+    assert view.subset(np.ones(7, bool)).row("clean").to_dict() == view.row("clean").to_dict()
+    with pytest.raises(ValueError, match="mask of 12 values for 13 files"):
+        res.subset(mask[:-1])
+
+
+def test_read_split_csv_keeps_a_view_and_the_shared_rows(tmp_path):
+    csv_path = tmp_path / "val_split.csv"
+    csv_path.write_text("path,patient,label,part\n"
+                        "NORMAL/IM-0001-0001.jpeg,IM-0001,NORMAL,block\n"
+                        "NORMAL/IM-0500-0001.jpeg,IM-0500,NORMAL,patient\n"
+                        "PNEUMONIA/person1_virus_1.jpeg,person1,PNEUMONIA,both\n")
+    every = read_split_csv(csv_path, root="/d")
+    assert every == (["/d/NORMAL/IM-0001-0001.jpeg", "/d/NORMAL/IM-0500-0001.jpeg",
+                      "/d/PNEUMONIA/person1_virus_1.jpeg"], [0, 0, 1])
+    assert read_split_csv(csv_path, root="/d", view="block") == (
+        ["/d/NORMAL/IM-0001-0001.jpeg", "/d/PNEUMONIA/person1_virus_1.jpeg"], [0, 1])
+    assert read_split_csv(csv_path, root="/d", view="patient")[1] == [0, 1]
 
 
 def test_robustness_cli_on_onnx(tmp_path):

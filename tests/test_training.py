@@ -187,6 +187,36 @@ def test_block_split_run_reports_both_views_in_bf16(data_dir, tmp_path):
     keys = [f"val_{r}_{v}_auc" for r in ("clean", "border_black_3") for v in ("block", "patient")]
     assert float(hist["val_robust_auc"]) == pytest.approx(min(float(hist[k]) for k in keys))
 
+    # export keeps the views: val_split.csv names each file's part, and the metadata holds
+    # every robustness row per view, as a suite run over that view's files scores it
+    from pneumo_edge.robustness import read_split_csv, run_suite
+    from pneumo_edge.runtime import load_model, read_metadata
+    from training.export import export_run
+
+    out = tmp_path / "onnx"
+    result = export_run(run, out, int8=True, calib_method="minmax", calib_size=16, heads=False)
+    with open(out / "val_split.csv") as fh:
+        exported = list(csv.DictReader(fh))
+    assert [r["part"] for r in exported] == [r["part"] for r in rows if r["subset"] == "val"]
+    data = cfg["data"]
+    for r in result.files:
+        rob = read_metadata(r.path)[0]["robustness"]
+        assert set(rob["views"]) == {"block", "patient"}
+        model = load_model(r.path, device="cpu")
+        for view, stored in rob["views"].items():
+            files, labels = read_split_csv(out / "val_split.csv", data, view=view)
+            assert stored["n_images"] == len(files) == val["views"][view]["n"]
+            suite = run_suite(model.run, model.preprocess, files, labels, model.threshold)
+            for row, kept in zip(suite.rows, stored["rows"]):
+                assert row.perturbation == kept["perturbation"]
+                assert row.specificity == pytest.approx(kept["specificity"], abs=1e-9)
+                assert row.auc == pytest.approx(kept["auc"], abs=1e-6)
+            if r.precision == "int8":
+                assert set(stored["agreement_with_fp32"]) == {x["perturbation"]
+                                                              for x in stored["rows"]}
+                assert stored["min_agreement_with_fp32"] == min(
+                    stored["agreement_with_fp32"].values())
+
 
 def test_precision_policy_resolution(monkeypatch):
     from training import train as train_mod

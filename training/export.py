@@ -645,7 +645,8 @@ def export_run(source: str | os.PathLike, out_dir: str | os.PathLike = "exported
         if ood_meta is not None:
             _check_heads(results, protos, ref.outputs, val.x, ood_meta)
         if robustness and val.paths:
-            _robustness(results, protos, cfg, val.paths, val.labels, src.threshold, say)
+            _robustness(results, protos, cfg, val.paths, val.labels, src.threshold, say,
+                        val.views)
         lung = _lung_meta(model, src.run.config if src.run else {})
         payloads = {r.precision: _finalise(protos[r.precision], _metadata(
             src, cfg, r.precision, r, ref.metrics, plan.opset, src.arch, val.kind, len(val.x),
@@ -668,6 +669,17 @@ class _ValidationSet:
     patients: list[str]
     labels: np.ndarray
     x: np.ndarray
+    parts: list[str] = field(default_factory=list)
+
+    @property
+    def views(self) -> dict[str, np.ndarray]:
+        """Name -> mask over the images, for a run with validation views (``--split block``)."""
+        from .data import VAL_PARTS
+
+        parts = np.array(self.parts)
+        if not self.parts or not (parts != "").any():
+            return {}
+        return {name: (parts == name) | (parts == "both") for name in VAL_PARTS}
 
     @property
     def kind(self) -> str:
@@ -687,7 +699,7 @@ def _validation_set(plan: _Plan, cfg: PreprocessConfig, rng, say) -> _Validation
     else:
         x = rng.uniform(0, 255, (16, cfg.height, cfg.width, cfg.channels)).astype(np.float32)
     return _ValidationSet(paths, [s.patient for s in chosen],
-                          np.array([s.label for s in chosen]), x)
+                          np.array([s.label for s in chosen]), x, [s.part for s in chosen])
 
 
 @dataclass
@@ -791,7 +803,7 @@ def _write(plan: _Plan, results: list[PrecisionResult], payloads: dict[str, byte
         atomic_write(plan.out_dir / "default.txt", choose_default(results).path.name + "\n")
     if val.paths:
         write_val_split(Path(plan.src.run.config.get("data", ".")), val.paths, val.patients,
-                        val.labels, plan.out_dir / "val_split.csv")
+                        val.labels, plan.out_dir / "val_split.csv", val.parts)
 
 
 #: What each export option means (``pneumo-edge export --help``; defaults and choices
@@ -836,9 +848,11 @@ INT8_MIN_AGREEMENT = 0.99
 
 
 def _robustness(results: list[PrecisionResult], protos: dict, cfg: PreprocessConfig,
-                val_paths: list[str], val_labels: np.ndarray, threshold: float, say) -> None:
+                val_paths: list[str], val_labels: np.ndarray, threshold: float, say,
+                views: dict[str, np.ndarray] | None = None) -> None:
     """The robustness suite on every precision; rows, worst values and (for FP16/INT8) the
-    label agreement with FP32 per row go into each file's metadata."""
+    label agreement with FP32 per row go into each file's metadata, for all validation
+    images and, under ``views``, for each validation view (the same scores, subset)."""
     from pneumo_edge.robustness import run_suite
 
     suites = {}
@@ -847,23 +861,32 @@ def _robustness(results: list[PrecisionResult], protos: dict, cfg: PreprocessCon
         suites[r.precision] = run_suite(_ort_predictor(protos[r.precision].SerializeToString()),
                                         cfg, val_paths, val_labels, threshold,
                                         model_name=r.precision)
-    ref = suites["fp32"]
-    for r in results:
-        suite = suites[r.precision]
+    def record(suite, ref, fp32: bool) -> dict:
         entry = {"images": "validation", "n_images": int(len(suite.labels)),
                  "rows": [row.to_dict() for row in suite.rows], "worst": suite.worst()}
-        if r.precision != "fp32":
+        if not fp32:
             agree = suite.agreement_with(ref)
             entry["agreement_with_fp32"] = agree
             entry["max_auc_loss_vs_fp32"] = max(
                 (ref.row(n).auc or 0.0) - (suite.row(n).auc or 0.0) for n in agree)
             entry["min_agreement_with_fp32"] = min(agree.values())
+        return entry
+
+    ref = suites["fp32"]
+    for r in results:
+        suite, fp32 = suites[r.precision], r.precision == "fp32"
+        entry = record(suite, ref, fp32)
+        if views:
+            entry["views"] = {name: record(suite.subset(mask), ref.subset(mask), fp32)
+                              for name, mask in views.items()}
         r.extra["robustness"] = entry
 
 
 def write_val_split(data: Path, paths: list[str], patients: list[str], labels: np.ndarray,
-                    out: Path) -> None:
-    """The validation files behind the metadata's numbers, relative to the data folder.
+                    out: Path, parts: list[str] | None = None) -> None:
+    """The validation files behind the metadata's numbers, relative to the data folder,
+    with each file's validation view (``part``: block, patient or both) when the run has
+    views.
 
     With the data at hand, ``pneumo-edge predict`` over these files reproduces
     ``val_metrics`` (see tests/test_release.py).
@@ -873,9 +896,11 @@ def write_val_split(data: Path, paths: list[str], patients: list[str], labels: n
 
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["path", "patient", "label"])
-    for p, patient, label in zip(paths, patients, labels):
-        w.writerow([Path(os.path.relpath(p, data)).as_posix(), patient, CLASS_NAMES[int(label)]])
+    with_parts = bool(parts) and any(parts)
+    w.writerow(["path", "patient", "label"] + (["part"] if with_parts else []))
+    for i, (p, patient, label) in enumerate(zip(paths, patients, labels)):
+        w.writerow([Path(os.path.relpath(p, data)).as_posix(), patient, CLASS_NAMES[int(label)]]
+                   + ([parts[i]] if with_parts else []))
     atomic_write(out, buf.getvalue())
 
 
