@@ -118,3 +118,25 @@ def test_predict_flags_no_lung_field_and_maps_heatmaps_onto_the_box(lung_export,
     y0, x0, y1, x1 = by["chest.png"].lung_box
     assert 0.1 < y0 < y1 < 0.9 and 0.15 < x0 < x1 < 0.85
     assert len(run.heatmaps) == 2
+
+
+def test_init_from_reads_the_classifier_behind_the_lung_stage(lung_export):
+    """train --init-from a lung-field file: the ResNet's weights by structure (the lung
+    stage is the model's own segmenter), parity with onnxruntime on real-looking frames."""
+    from training.init_from import check_parity, file_config, load_onnx_weights
+    from training.models import create_model
+    from pneumo_edge.preprocess import to_model_input
+
+    root, _, out, _ = lung_export
+    fp32 = out / "resnet_tiny_lung_fp32.onnx"
+    fc = file_config(fp32)
+    assert fc["arch"] == "resnet_tiny_lung" and fc["img_size"] == FRAME
+    assert fc["crop_size"] == read_metadata(fp32)[0]["lung_field"]["crop"]
+    model = create_model("resnet_tiny_lung", input_shape=(FRAME, FRAME, 3),
+                         segmenter=str(root / "seg.keras"), crop_size=fc["crop_size"])
+    summary = load_onnx_weights(model, fp32)
+    assert summary["convolutions"] == summary["batchnorm_resplit"] == 12  # the classifier's
+    pre = load_model(fp32, device="cpu").preprocess
+    x = np.stack([to_model_input(_chest(bright=b, border=f), pre)
+                  for b in (150, 200, 250) for f in (0.0, 0.05)])
+    assert check_parity(model, fp32, x) <= 1e-4

@@ -32,15 +32,19 @@ from pathlib import Path
 import numpy as np
 
 PARITY_TOLERANCE = 1e-4
-#: the builders whose graphs the structural matcher knows (no lung-crop stage)
+#: the builders whose graphs the structural matcher knows; in the lung-field models the
+#: lung stage (segmenter, box, crop) is not read from the file: the model is built with
+#: its segmenter (``--segmenter``, default the shipped one) and the parity check proves
+#: it is the file's
 PLAIN_RESNETS = ("resnet18", "resnet_tiny")
+LUNG_RESNETS = ("resnet18_lung", "resnet_tiny_lung")
 FREEZE_STAGES = ("none", "stem", "stage1", "stage2", "stage3", "stage4")
 #: what --init-from changes when the option is not given (the rest is the usual recipe)
 DEFAULTS = {"lr": 1e-4, "weight_decay": 0.0, "warmup_epochs": 0, "freeze_until": "stage2",
             "pull": 1.0, "precision": "fp32"}
 
 _PASS_KERAS = ("BatchNormalization", "ReLU", "Activation", "Rescaling", "Dropout", "Identity",
-               "InputLayer")
+               "InputLayer", "LungCrop")
 _SKELETON_ONNX = {"Conv": "conv", "Add": "add", "Sum": "add", "MaxPool": "maxpool",
                   "GlobalAveragePool": "gap", "MatMul": "dense", "Gemm": "dense"}
 _SKELETON_KERAS = {"Conv2D": "conv", "Add": "add", "MaxPooling2D": "maxpool",
@@ -82,14 +86,21 @@ def file_config(path: str | Path) -> dict:
                             "from the FP32 file's weights (quantised or half weights would "
                             "not reproduce it)")
     arch = str(meta.provenance.get("arch", ""))
-    if arch not in PLAIN_RESNETS:
-        raise InitFromError(f"--init-from {path}: arch {arch!r}; training starts from the plain "
-                            f"ResNets only ({', '.join(PLAIN_RESNETS)})")
+    if arch not in PLAIN_RESNETS + LUNG_RESNETS:
+        raise InitFromError(f"--init-from {path}: arch {arch!r}; training starts from "
+                            f"{', '.join(PLAIN_RESNETS + LUNG_RESNETS)} files only")
     cfg = meta.preprocess
     if cfg.height != cfg.width:
         raise InitFromError(f"--init-from {path}: input {cfg.height}x{cfg.width} is not square")
-    return {"arch": arch, "img_size": cfg.height,
-            "channels": cfg.channels, "value_range": cfg.value_range}
+    out = {"arch": arch, "img_size": cfg.height,
+           "channels": cfg.channels, "value_range": cfg.value_range}
+    if arch in LUNG_RESNETS:
+        crop = (meta.provenance.get("lung_field") or {}).get("crop")
+        if not isinstance(crop, int) or crop < 8:
+            raise InitFromError(f"--init-from {path}: a lung-field model without its crop "
+                                "size in the metadata (lung_field.crop)")
+        out["crop_size"] = crop
+    return out
 
 
 # ---------------------------------------------------------------- ONNX side
@@ -98,8 +109,13 @@ def _onnx_convs(proto) -> tuple[dict, dict]:
     """{signature: (W OIHW, b)} of every Conv, and the onnx initializers by name."""
     from onnx import numpy_helper
 
+    from .heads import lung_stage_nodes
+
     inits = {i.name: numpy_helper.to_array(i) for i in proto.graph.initializer}
     producer = {o: n for n in proto.graph.node for o in n.output}
+    # the lung-field stage counts as the input: its segmenter is not matched (see
+    # LUNG_RESNETS), and Keras's LungCrop passes the frame through
+    stage = set(lung_stage_nodes(proto))
     memo: dict[str, str] = {}
     convs: dict[str, tuple] = {}
 
@@ -107,7 +123,7 @@ def _onnx_convs(proto) -> tuple[dict, dict]:
         if tensor in memo:
             return memo[tensor]
         node = producer.get(tensor)
-        if node is None:
+        if node is None or node.name in stage:
             memo[tensor] = "input"
             return "input"
         data = [i for i in node.input if i and i not in inits and not _constant(i, producer)]

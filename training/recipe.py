@@ -160,12 +160,13 @@ def _init_from_defaults(given: dict) -> dict:
         fc = file_config(given["init_from"])
     except InitFromError as exc:
         raise ValueError(str(exc)) from None
-    for name in ("img_size", "arch"):
-        if name in given and given[name] != fc[name]:
+    for name in ("img_size", "arch", "crop_size"):
+        if given.get(name) is not None and name in fc and given[name] != fc[name]:
             raise ValueError(f"--{name.replace('_', '-')} {given[name]} differs from the "
                              f"--init-from file's {fc[name]}")
     return DEFAULTS | {"img_size": fc["img_size"], "arch": fc["arch"],
-                       "channels": fc["channels"], "init_from": str(given["init_from"])}
+                       "channels": fc["channels"], "init_from": str(given["init_from"])} | (
+        {"crop_size": fc["crop_size"]} if "crop_size" in fc else {})
 
 
 def train_job(data: str, *, cluster: str | None = None, task_index: int | None = None,
