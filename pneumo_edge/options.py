@@ -67,12 +67,17 @@ class Bound:
 def described(texts: dict[str, str], defaults: dict, choices: dict | None = None,
               ranges: dict | None = None) -> dict[str, str]:
     """Help texts for ``--help`` with the choices, ranges and defaults appended (plain text;
-    a True default reads "on", False and None defaults are left out)."""
+    a True default reads "on", False and None defaults and required arguments are left
+    out)."""
+    import inspect
+
     out = {}
     for name, text in texts.items():
         extra = ["one of " + ", ".join(choices[name])] if choices and name in choices else []
         extra += [ranges[name]] if ranges and name in ranges else []
         value = defaults.get(name)
+        if value is inspect.Parameter.empty:  # a required argument has no default
+            value = None
         if value is True:
             extra.append("default on")
         elif value not in (None, False, ()):

@@ -121,6 +121,7 @@ def test_help_is_printed_literally(command):
     assert res.exit_code == EXIT_OK, res.output
     shown = _flat(res.output)
     assert "<bool>" not in shown
+    assert "inspect._empty" not in shown  # a required option shows no default
     cmd = group.commands[command]
     # every option's help as the code wrote it (brackets included; the training side's
     # texts are filled in when the help is shown) is on the screen
