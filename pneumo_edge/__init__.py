@@ -3,7 +3,7 @@
 A research and engineering tool, not a medical device.
 """
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 
 __all__ = [
     "__version__",

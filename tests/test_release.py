@@ -7,13 +7,14 @@ import json
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 from typer.testing import CliRunner
 
 from pneumo_edge.cli import EXIT_OK, app
 from pneumo_edge.metadata import CONTRACT_KEYS, PROVENANCE_KEYS
 from pneumo_edge.predict import predict_paths
-from pneumo_edge.robustness import ZOOM_ROWS, read_split_csv, run_suite
+from pneumo_edge.robustness import FRAMING_ROWS, read_split_csv, run_suite
 from pneumo_edge.runtime import default_model_path, load_model, read_metadata
 
 from helpers import SHARED_TRAIN
@@ -39,8 +40,12 @@ def test_three_precisions_with_complete_metadata():
     for precision, path in by.items():
         meta, _, outputs = read_metadata(path)
         assert RELEASE_KEYS <= set(meta)
-        assert meta["class_names"] == ["NORMAL", "PNEUMONIA"] and meta["arch"] == "resnet18"
-        assert [o["name"] for o in outputs] == ["pneumonia_prob", "cam", "ood"]
+        assert meta["class_names"] == ["NORMAL", "PNEUMONIA"]
+        assert meta["arch"] == "resnet18_lung"  # v3: the lung-field stage inside the file
+        assert [o["name"] for o in outputs] == ["pneumonia_prob", "cam", "ood", "lung_box",
+                                                "lung_area"]
+        assert meta["lung_field"]["crop"] == 144 and meta["lung_field"]["frame"] == 192
+        assert set(meta["robustness"]["views"]) == {"block", "patient"}
         assert path.stat().st_size < 50e6
         thresholds.add(meta["threshold"])
         assert meta["parity"]["images"] == "validation" and meta["parity"]["n_images"] > 500
@@ -107,31 +112,45 @@ def test_card_numbers_reproduce_on_the_validation_split(model_path):
     assert re.search(rf"\b{stored['tp']}\b.*\b{stored['fn']}\b", line)
 
 
+def _views() -> dict[str, np.ndarray]:
+    import csv
+    with open(EXPORTED / "val_split.csv", newline="", encoding="utf-8") as fh:
+        parts = np.array([r["part"] for r in csv.DictReader(fh)])
+    return {v: (parts == v) | (parts == "both") for v in ("block", "patient")}
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not SHARED_TRAIN.is_dir(), reason="../shared data absent")
 def test_robustness_suite_on_the_release_models():
-    """The suite reproduces the rows stored at export, for FP32 and INT8, and INT8 agrees."""
+    """The suite reproduces the rows stored at export for FP32 and INT8, in each
+    validation view; the release targets the model meets, and the ones it misses."""
     files, labels = _val()
+    views = _views()
     results = {}
     for precision in ("fp32", "int8"):
         path = EXPORTED / f"pneumo_resnet18_{precision}.onnx"
         model = load_model(path, device="cpu")
         res = run_suite(model.run, model.preprocess, files, labels, model.threshold)
-        stored = {r["perturbation"]: r for r in model.meta["robustness"]["rows"]}
-        for row in res.rows:
-            # calibrated probabilities saturate at 1.0 in float32: which images tie there
-            # moves with the session's kernels and threads (export runs its own session)
-            assert row.auc == pytest.approx(stored[row.perturbation]["auc"], abs=1e-3)
-            assert row.specificity == pytest.approx(stored[row.perturbation]["specificity"],
-                                                    abs=2 / len(files))
+        assert res.n_failed == 0
+        for view, mask in views.items():
+            stored = {r["perturbation"]: r for r in model.meta["robustness"]["views"][view]["rows"]}
+            sub = res.subset(mask)
+            for row in sub.rows:
+                assert row.auc == pytest.approx(stored[row.perturbation]["auc"], abs=1e-3)
+                assert row.specificity == pytest.approx(stored[row.perturbation]["specificity"],
+                                                        abs=2 / int((sub.labels == 0).sum()))
         results[precision] = res
-    agree = results["int8"].agreement_with(results["fp32"])
-    assert set(agree) == {r.perturbation for r in results["fp32"].rows}
-    assert min(agree.values()) == pytest.approx(
-        _metas()["int8"]["robustness"]["min_agreement_with_fp32"], abs=2 / len(files))
-    for precision, res in results.items():  # the release criteria this model meets
-        assert min(r.auc for r in res.rows) >= 0.99, precision
-        assert min(res.row(r).specificity for r in ZOOM_ROWS) >= 0.92, precision
-    assert min(agree.values()) >= 0.99
-    # (sensitivity >= 0.95 in every zoom row is not met: 0.947 at zoom in 5 %; model card)
-    assert min(results["fp32"].row(r).sensitivity for r in ZOOM_ROWS) >= 0.94
+    for view, mask in views.items():
+        fp32, int8 = results["fp32"].subset(mask), results["int8"].subset(mask)
+        agree = int8.agreement_with(fp32)
+        assert set(agree) == {r.perturbation for r in fp32.rows}
+        assert min(agree.values()) >= 0.99, view  # INT8 agreement target, every row
+        for res in (fp32, int8):
+            framing = [res.row(r) for r in ("clean", *FRAMING_ROWS)]
+            drop = res.row("clean").specificity - res.row("border_black_3").specificity
+            assert abs(drop) <= 0.03, view  # the 3 % border target
+            assert min(r.specificity for r in framing) >= 0.94, view  # block target 0.90
+            assert min(r.auc for r in res.rows) >= 0.98, view  # block target (every row)
+            # missed, written in the model card: sensitivity >= 0.95 (0.940, the clean
+            # row itself) and, on the patient view, AUC >= 0.99 (0.984 at gamma 1.4)
+            assert min(r.sensitivity for r in framing) >= 0.93, view
