@@ -38,6 +38,7 @@ sys.path.insert(0, str(ROOT))
 SHARED = ROOT.parent / "shared" / "data" / "chest_xray" / "train"
 
 from pneumo_edge.heatmap import cam_mass_in_box  # noqa: E402
+from pneumo_edge.lung import heatmap_to_frame  # noqa: E402
 from pneumo_edge.io import atomic_write  # noqa: E402
 from pneumo_edge.images import decode_gray  # noqa: E402
 from pneumo_edge.predict import predict_paths  # noqa: E402
@@ -166,7 +167,16 @@ def cam_mass(model_path: Path, files: list[str], old: bool) -> dict:
 
     model = load_model(model_path, device="cpu")
     cfg = model.preprocess
-    predict = cam_of_old_model(model_path) if old else (lambda x: model.run_all(x)["cam"])
+    def current(x):
+        out = model.run_all(x)
+        if out.get("lung_box") is None:
+            return list(out["cam"])
+        # a lung-field model's map covers its crop: draw it back onto the frame first,
+        # as predict does for its heatmaps
+        return [heatmap_to_frame(c, box, (100, 100))
+                for c, box in zip(out["cam"], out["lung_box"])]
+
+    predict = cam_of_old_model(model_path) if old else current
     shares = []
     for i in range(0, len(files), 32):
         x = np.stack([load_image(f, cfg) for f in files[i:i + 32]])
