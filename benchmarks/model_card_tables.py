@@ -180,15 +180,14 @@ def tables(with_tradeoff: bool = True) -> str:
            f"{fp32['threshold']:.4f})", "",
            "| precision | accuracy | AUC | sensitivity | specificity | TP / FN / TN / FP | size MB "
            "| p50 ms b1 | p50 ms b32 |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
-    f = lambda v, s=".4f": "n/a" if v is None else format(v, s)
     for k in order:
         path, meta = metas[k]
         m = meta["val_metrics"]
         la = lat.get(k, {})
         out.append(f"| {k} | {m['accuracy']:.4f} | {m['auc']:.4f} | {m['recall']:.4f} | "
                    f"{m['specificity']:.4f} | {m['tp']} / {m['fn']} / {m['tn']} / {m['fp']} | "
-                   f"{path.stat().st_size / 1e6:.1f} | {f(la.get('1', {}).get('p50_ms'), '.2f')} | "
-                   f"{f(la.get('32', {}).get('p50_ms'), '.2f')} |")
+                   f"{path.stat().st_size / 1e6:.1f} | {_F(la.get('1', {}).get('p50_ms'), '.2f')} | "
+                   f"{_F(la.get('32', {}).get('p50_ms'), '.2f')} |")
     rob32 = fp32["robustness"]
     rob8 = metas.get("int8", (None, {}))[1].get("robustness", {})
     if rob32.get("views"):
