@@ -28,7 +28,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pneumo_edge.robustness import FRAMING_ROWS, PERTURBATIONS, run_suite  # noqa: E402
+from pneumo_edge.robustness import FRAMING_ROWS, PERTURBATIONS, run_suite, view_masks  # noqa: E402
 from pneumo_edge.runtime import load_model  # noqa: E402
 
 
@@ -39,8 +39,7 @@ def read_views(split_csv: Path) -> tuple[list[str], np.ndarray, dict[str, np.nda
         sys.exit(f"{split_csv}: no 'part' column (not a --split block run)")
     files = [r["path"] for r in rows]
     labels = np.array([int(r["label"] == "PNEUMONIA") for r in rows])
-    parts = np.array([r["part"] for r in rows])
-    return files, labels, {v: (parts == v) | (parts == "both") for v in ("block", "patient")}
+    return files, labels, view_masks([r["part"] for r in rows])
 
 
 def unseen_mask(files: list[str], data: Path, own_val_csv: Path) -> np.ndarray:
@@ -78,16 +77,15 @@ def render(out: dict) -> str:
         get = [out["models"][m][s] for m, s in cols]
         lines.append("| images (NORMAL) | " + " | ".join(f"{g['n']} ({g['n_normal']})"
                                                         for g in get) + " |")
-        for key, label in (("clean_auc", "clean AUC"), ("clean_sens", "clean sensitivity"),
-                           ("clean_spec", "clean specificity"),
-                           ("lowest_auc", "lowest AUC, any row"),
-                           ("lowest_framing_sens", "lowest sensitivity, clean/framing rows"),
-                           ("lowest_framing_spec", "lowest specificity, clean/framing rows"),
-                           ("border3_spec_drop", "specificity lost to a 3 % black border")):
-            vals = [g["clean"]["auc"] if key == "clean_auc" else
-                    g["clean"]["sensitivity"] if key == "clean_sens" else
-                    g["clean"]["specificity"] if key == "clean_spec" else g[key] for g in get]
-            lines.append(f"| {label} | " + " | ".join(f"{v:.4f}" for v in vals) + " |")
+        for label, value in (
+                ("clean AUC", lambda g: g["clean"]["auc"]),
+                ("clean sensitivity", lambda g: g["clean"]["sensitivity"]),
+                ("clean specificity", lambda g: g["clean"]["specificity"]),
+                ("lowest AUC, any row", lambda g: g["lowest_auc"]),
+                ("lowest sensitivity, clean/framing rows", lambda g: g["lowest_framing_sens"]),
+                ("lowest specificity, clean/framing rows", lambda g: g["lowest_framing_spec"]),
+                ("specificity lost to a 3 % black border", lambda g: g["border3_spec_drop"])):
+            lines.append(f"| {label} | " + " | ".join(f"{value(g):.4f}" for g in get) + " |")
         lines.append("| mean P(PNEUMONIA) of NORMAL: clean -> 3 % black border | " + " | ".join(
             f"{g['normal_mean_p']['clean']:.3f} -> {g['normal_mean_p']['border_black_3']:.3f}"
             for g in get) + " |")
@@ -127,12 +125,12 @@ def main() -> None:
                         perturbations=rows, model_name=name, batch_size=8)
         if res.n_failed:
             sys.exit(f"{path}: {res.n_failed} files failed to decode")
+        unseen = unseen_mask(files, data, Path(seen[name])) if name in seen else None
         per = {}
         for view, mask in views.items():
             per[view] = summary(res.subset(mask))
-            if name in seen:
-                per[f"{view}, unseen"] = summary(
-                    res.subset(mask & unseen_mask(files, data, Path(seen[name]))))
+            if unseen is not None:
+                per[f"{view}, unseen"] = summary(res.subset(mask & unseen))
         out["models"][name] = per
         print(f"{name}: scored", file=sys.stderr)
     text = render(out)

@@ -39,7 +39,8 @@ from .metrics import binary_metrics
 from .preprocess import PreprocessConfig, to_model_input
 
 __all__ = ["BORDER_ROWS", "FRAMING_ROWS", "PERTURBATIONS", "RobustnessRow", "RobustnessResult",
-           "perturb", "perturbed_input", "run_suite", "ZOOM_ROWS"]
+           "VIEWS", "in_view", "perturb", "perturbed_input", "run_suite", "view_masks",
+           "ZOOM_ROWS"]
 
 #: Row names in report order; ``clean`` first. Parameters are fixed: results
 #: are comparable between models and runs.
@@ -61,6 +62,25 @@ BORDER_ROWS = tuple(n for n in PERTURBATIONS
                         "text_label", "marker_lr"))
 #: Every framing row: the ones the threshold rule and the release criteria hold on.
 FRAMING_ROWS = ZOOM_ROWS + BORDER_ROWS
+
+#: Validation views of a ``--split block`` run; a file's ``part`` names its view, and the
+#: shared part (the PNEUMONIA patients) is in each.
+VIEWS = ("block", "patient")
+SHARED_PART = "both"
+
+
+def in_view(part: str, view: str) -> bool:
+    """Whether a validation file of ``part`` belongs to ``view``."""
+    return part in (view, SHARED_PART)
+
+
+def view_masks(parts) -> dict[str, np.ndarray]:
+    """Boolean masks over the files for each view; empty when no file has a part (a
+    plain patient split)."""
+    parts = np.asarray(parts, dtype=str)
+    if not (parts != "").any():
+        return {}
+    return {view: (parts == view) | (parts == SHARED_PART) for view in VIEWS}
 
 
 def _affine(gray: np.ndarray, matrix: np.ndarray) -> np.ndarray:
@@ -334,7 +354,7 @@ def read_split_csv(csv_path: str | os.PathLike, root: str | os.PathLike | None =
         for row in csv.DictReader(fh):
             if subset and row.get("subset", subset) != subset:
                 continue
-            if view and row.get("part") not in (view, "both"):
+            if view and not in_view(row.get("part") or "", view):
                 continue
             p = Path(row["path"])
             files.append(str(p if p.is_absolute() else base / p))

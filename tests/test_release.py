@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 from pneumo_edge.cli import EXIT_OK, app
 from pneumo_edge.metadata import CONTRACT_KEYS, PROVENANCE_KEYS
 from pneumo_edge.predict import predict_paths
-from pneumo_edge.robustness import FRAMING_ROWS, read_split_csv, run_suite
+from pneumo_edge.robustness import FRAMING_ROWS, read_split_csv, run_suite, view_masks
 from pneumo_edge.runtime import default_model_path, load_model, read_metadata
 
 from helpers import SHARED_TRAIN
@@ -115,8 +115,7 @@ def test_card_numbers_reproduce_on_the_validation_split(model_path):
 def _views() -> dict[str, np.ndarray]:
     import csv
     with open(EXPORTED / "val_split.csv", newline="", encoding="utf-8") as fh:
-        parts = np.array([r["part"] for r in csv.DictReader(fh)])
-    return {v: (parts == v) | (parts == "both") for v in ("block", "patient")}
+        return view_masks([r["part"] for r in csv.DictReader(fh)])
 
 
 @pytest.mark.slow

@@ -13,6 +13,7 @@ import numpy as np
 from pneumo_edge.images import is_image_file, label_from_path
 from pneumo_edge.io import atomic_write
 from pneumo_edge.metadata import CLASS_NAMES
+from pneumo_edge.robustness import SHARED_PART, VIEWS, in_view, view_masks
 from pneumo_edge.patients import dicom_patient_key, patient_id  # noqa: F401 (re-exported)
 from pneumo_edge.preprocess import PreprocessConfig, load_gray
 
@@ -32,7 +33,7 @@ class Sample:
 
 
 #: Validation views of ``split="block"``; a sample in part "both" is in each.
-VAL_PARTS = ("block", "patient")
+VAL_PARTS = VIEWS
 
 
 def discover(data_dir: str | Path) -> tuple[list[Sample], int]:
@@ -154,15 +155,16 @@ def block_split(samples: list[Sample], val_fraction: float, seed: int
         part.update(dict.fromkeys(_take(fam, by_patient, val_fraction, leave_one=False),
                                   "block"))
     rng = np.random.default_rng(seed)
-    for label, tag, fraction in ((0, "patient", val_fraction / 2), (1, "both", val_fraction)):
+    for label, tag, fraction in ((0, "patient", val_fraction / 2),
+                                 (1, SHARED_PART, val_fraction)):
         group = sorted(p for p, lab in label_of.items() if lab == label and p not in part)
         rng.shuffle(group)
         part.update(dict.fromkeys(_take(group, by_patient, fraction), tag))
     train = [s for s in samples if s.patient not in part]
     val = [Sample(s.path, s.label, s.patient, part[s.patient]) for s in samples
            if s.patient in part]
-    for name, tags in (("block", ("block", "both")), ("patient", ("patient", "both"))):
-        if len({s.label for s in val if s.part in tags}) < 2:
+    for name in VAL_PARTS:
+        if len({s.label for s in val if in_view(s.part, name)}) < 2:
             raise DataError(f"too few patients for the {name} validation view")
     if len({s.label for s in train}) < 2:
         raise DataError("too few images for a split: the training set lacks a class")
@@ -171,10 +173,7 @@ def block_split(samples: list[Sample], val_fraction: float, seed: int
 
 def part_masks(val: list[Sample]) -> dict[str, np.ndarray]:
     """Boolean masks over ``val`` for each validation view; empty for a plain split."""
-    parts = np.array([s.part for s in val])
-    if not (parts != "").any():
-        return {}
-    return {name: (parts == name) | (parts == "both") for name in VAL_PARTS}
+    return view_masks([s.part for s in val])
 
 
 def class_weights(samples: list[Sample]) -> dict[int, float]:

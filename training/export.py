@@ -674,12 +674,9 @@ class _ValidationSet:
     @property
     def views(self) -> dict[str, np.ndarray]:
         """Name -> mask over the images, for a run with validation views (``--split block``)."""
-        from .data import VAL_PARTS
+        from pneumo_edge.robustness import view_masks
 
-        parts = np.array(self.parts)
-        if not self.parts or not (parts != "").any():
-            return {}
-        return {name: (parts == name) | (parts == "both") for name in VAL_PARTS}
+        return view_masks(self.parts) if self.parts else {}
 
     @property
     def kind(self) -> str:
