@@ -119,21 +119,26 @@ BORDER_SPEC_DROP, MIN_AGREEMENT = 0.03, 0.99
 
 
 def criteria(view: str, rob: dict) -> dict:
-    """Each target of ``view`` on one precision's robustness record: (value, row, met)."""
+    """Each target of ``view`` on one record's rows (a precision's robustness record, or a
+    run's validation record as ``compare_runs.py`` reads it): name -> (value, row, target,
+    comparison, met). Rows the record lacks (an older run's) are left out; the border
+    target needs its row."""
     rows = {r["perturbation"]: r for r in rob["rows"]}
-    framing = ["clean", *FRAMING_ROWS]
-    t = TARGETS[view]
+    framing = [n for n in ("clean", *FRAMING_ROWS) if n in rows]
+    t = TARGETS.get(view, {"sens": None, "spec": None, "auc": None})  # other views: border
     out = {}
-    low_auc = min(rows.values(), key=lambda r: r["auc"])
-    out["lowest AUC, any row"] = (low_auc["auc"], low_auc["perturbation"], t["auc"], ">=")
+    if t["auc"] is not None:
+        low_auc = min(rows.values(), key=lambda r: r["auc"])
+        out["lowest AUC, any row"] = (low_auc["auc"], low_auc["perturbation"], t["auc"], ">=")
     for key, floor in (("sensitivity", t["sens"]), ("specificity", t["spec"])):
         if floor is not None:
             r = min((rows[n] for n in framing), key=lambda r: r[key])
             out[f"lowest {key}, clean/zoom/border rows"] = (r[key], r["perturbation"], floor,
                                                              ">=")
-    drop = rows["clean"]["specificity"] - rows["border_black_3"]["specificity"]
-    out["specificity lost to a 3 % black border"] = (drop, "border_black_3", BORDER_SPEC_DROP,
-                                                     "<=")
+    if "border_black_3" in rows:
+        drop = rows["clean"]["specificity"] - rows["border_black_3"]["specificity"]
+        out["specificity lost to a 3 % black border"] = (drop, "border_black_3",
+                                                         BORDER_SPEC_DROP, "<=")
     if "min_agreement_with_fp32" in rob:
         agree = rob["agreement_with_fp32"]
         low = min(agree, key=agree.get)

@@ -60,3 +60,14 @@ def test_view_tables_mark_a_target_missed_in_int8_only():
     assert sum(l.endswith("| **no** |") for l in lines) == 1
     assert any(l.startswith("## Robustness suite, temporal-block view") for l in lines)
     assert sum(l.startswith("| border_black_3 |") for l in lines) == 2  # one table per view
+
+
+def test_criteria_on_a_run_without_views_or_border_rows():
+    # compare_runs.py reads older runs through the same targets: a plain split is one view
+    # ("all") with the border target only, and a record without the border row has none
+    rec = _record({"clean": (0.99, 0.96, 0.95), "border_black_3": (0.99, 0.97, 0.90)})
+    c = mct.criteria("all", rec)
+    assert list(c) == ["specificity lost to a 3 % black border"] and c[
+        "specificity lost to a 3 % black border"][4] is False
+    zoom_only = {"rows": [r for r in rec["rows"] if r["perturbation"] in ("clean", "zoom_in_5")]}
+    assert set(mct.criteria("patient", zoom_only)) == {"lowest AUC, any row"}
