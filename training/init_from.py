@@ -31,13 +31,15 @@ from pathlib import Path
 
 import numpy as np
 
+from .models import LUNG_MODELS
+
 PARITY_TOLERANCE = 1e-4
 #: the builders whose graphs the structural matcher knows; in the lung-field models the
 #: lung stage (segmenter, box, crop) is not read from the file: the model is built with
 #: its segmenter (``--segmenter``, default the shipped one) and the parity check proves
 #: it is the file's
 PLAIN_RESNETS = ("resnet18", "resnet_tiny")
-LUNG_RESNETS = ("resnet18_lung", "resnet_tiny_lung")
+LUNG_RESNETS = LUNG_MODELS
 FREEZE_STAGES = ("none", "stem", "stage1", "stage2", "stage3", "stage4")
 #: what --init-from changes when the option is not given (the rest is the usual recipe)
 DEFAULTS = {"lr": 1e-4, "weight_decay": 0.0, "warmup_epochs": 0, "freeze_until": "stage2",
